@@ -1,0 +1,164 @@
+//! Admission control, taken before any backend work: the process-wide session cap, the per-user
+//! cap, the per-address auth-failure throttle, and the draining flag.
+//!
+//! Why our own: Pingora has no global connection cap, and these limits are about *sessions*
+//! (post-auth, per user), which only the application can see.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum AdmissionError {
+    #[error("the gateway is at its session limit")]
+    OverCapacity,
+    #[error("this user has too many live sessions")]
+    TooManySessions,
+    #[error("too many failed authentications from this address; retry later")]
+    TooManyAuthFailures,
+    #[error("the gateway is draining; reconnect to another instance")]
+    Draining,
+}
+
+const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// Above this many tracked addresses, expired windows are pruned on insert, so an attacker
+/// rotating addresses cannot grow the map without bound.
+const FAILURE_MAP_PRUNE_AT: usize = 4096;
+
+pub struct Admission {
+    sessions: Arc<Semaphore>,
+    max_per_user: usize,
+    per_user: Mutex<HashMap<String, usize>>,
+    failures_per_minute: u32,
+    failures: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+    draining: AtomicBool,
+}
+
+/// Held by a live session; dropping it gives the global and per-user slots back.
+pub struct Ticket {
+    _permit: OwnedSemaphorePermit,
+    user: String,
+    admission: Arc<Admission>,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut map = self.admission.per_user.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.user);
+            }
+        }
+    }
+}
+
+impl Admission {
+    pub fn new(max_sessions: usize, max_per_user: usize, failures_per_minute: u32) -> Arc<Admission> {
+        Arc::new(Admission {
+            sessions: Arc::new(Semaphore::new(max_sessions)),
+            max_per_user,
+            per_user: Mutex::new(HashMap::new()),
+            failures_per_minute,
+            failures: Mutex::new(HashMap::new()),
+            draining: AtomicBool::new(false),
+        })
+    }
+
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Take a global and a per-user slot for `user`.
+    pub fn admit(self: &Arc<Self>, user: &str) -> Result<Ticket, AdmissionError> {
+        if self.is_draining() {
+            return Err(AdmissionError::Draining);
+        }
+        let permit = Arc::clone(&self.sessions)
+            .try_acquire_owned()
+            .map_err(|_| AdmissionError::OverCapacity)?;
+        let mut map = self.per_user.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(user.to_owned()).or_insert(0);
+        if *n >= self.max_per_user {
+            return Err(AdmissionError::TooManySessions);
+        }
+        *n += 1;
+        drop(map);
+        Ok(Ticket { _permit: permit, user: user.to_owned(), admission: Arc::clone(self) })
+    }
+
+    /// Refuse an address that already failed authentication too often in the current window.
+    pub fn check_auth_throttle(&self, addr: IpAddr) -> Result<(), AdmissionError> {
+        let map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get(&addr) {
+            Some((start, count))
+                if start.elapsed() < FAILURE_WINDOW && *count >= self.failures_per_minute =>
+            {
+                Err(AdmissionError::TooManyAuthFailures)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub fn record_auth_failure(&self, addr: IpAddr) {
+        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= FAILURE_MAP_PRUNE_AT {
+            map.retain(|_, (start, _)| start.elapsed() < FAILURE_WINDOW);
+        }
+        let now = Instant::now();
+        let entry = map.entry(addr).or_insert((now, 0));
+        if entry.0.elapsed() >= FAILURE_WINDOW {
+            *entry = (now, 0);
+        }
+        entry.1 = entry.1.saturating_add(1);
+    }
+
+    pub fn live_sessions(&self, max_sessions: usize) -> usize {
+        max_sessions - self.sessions.available_permits()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn global_then_per_user_limits_and_release() {
+        let a = Admission::new(2, 1, 60);
+        let t1 = a.admit("alice").expect("first");
+        assert_eq!(a.admit("alice").err(), Some(AdmissionError::TooManySessions));
+        let _t2 = a.admit("bob").expect("second user");
+        assert_eq!(a.admit("carol").err(), Some(AdmissionError::OverCapacity));
+        drop(t1);
+        let _t3 = a.admit("alice").expect("slot returned");
+    }
+
+    #[test]
+    fn auth_failures_throttle_after_limit() {
+        let a = Admission::new(1, 1, 3);
+        let ip: IpAddr = "192.0.2.1".parse().expect("ip");
+        for _ in 0..3 {
+            assert!(a.check_auth_throttle(ip).is_ok());
+            a.record_auth_failure(ip);
+        }
+        assert_eq!(a.check_auth_throttle(ip), Err(AdmissionError::TooManyAuthFailures));
+        let other: IpAddr = "192.0.2.2".parse().expect("ip");
+        assert!(a.check_auth_throttle(other).is_ok());
+    }
+
+    #[test]
+    fn draining_refuses_new_sessions() {
+        let a = Admission::new(1, 1, 1);
+        a.set_draining();
+        assert_eq!(a.admit("x").err(), Some(AdmissionError::Draining));
+    }
+}

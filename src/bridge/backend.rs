@@ -1,0 +1,95 @@
+//! The backend side of a bridge: raw RFB over TCP, or a WebSocket-native backend. Both are read
+//! as chunks of bytes and written as chunks, so the pumps in [`super`] do not care which.
+
+use std::future::Future;
+use std::io;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+
+/// How much one backend read may take. 64 KiB matches the kernel's usual TCP window growth steps
+/// and keeps a framebuffer update in a few WebSocket frames; it is also the per-direction bound
+/// on bytes held inside the gateway (the buffer is only refilled after its bytes were sent).
+pub const READ_CHUNK: usize = 64 * 1024;
+
+pub trait BackendRead: Send {
+    /// The next chunk, or `None` when the backend closed its side.
+    fn read_chunk(&mut self, buf: &mut BytesMut) -> impl Future<Output = io::Result<Option<Bytes>>> + Send;
+}
+
+pub trait BackendWrite: Send {
+    fn write_chunk(&mut self, data: Bytes) -> impl Future<Output = io::Result<()>> + Send;
+    /// Tell the backend the client is gone (TCP FIN / WebSocket close).
+    fn shutdown(&mut self) -> impl Future<Output = ()> + Send;
+}
+
+pub struct TcpRead(pub OwnedReadHalf);
+pub struct TcpWrite(pub OwnedWriteHalf);
+
+pub fn tcp(stream: TcpStream) -> (TcpRead, TcpWrite) {
+    let (r, w) = stream.into_split();
+    (TcpRead(r), TcpWrite(w))
+}
+
+impl BackendRead for TcpRead {
+    async fn read_chunk(&mut self, buf: &mut BytesMut) -> io::Result<Option<Bytes>> {
+        // `split().freeze()` hands the bytes to the WebSocket layer; once that frame is written
+        // the `Bytes` is dropped and this `reserve` reclaims the same allocation, so the steady
+        // state allocates nothing per chunk.
+        buf.reserve(READ_CHUNK);
+        let n = (&mut self.0).take(READ_CHUNK as u64).read_buf(buf).await?;
+        Ok((n > 0).then(|| buf.split().freeze()))
+    }
+}
+
+impl BackendWrite for TcpWrite {
+    async fn write_chunk(&mut self, data: Bytes) -> io::Result<()> {
+        self.0.write_all(&data).await
+    }
+
+    async fn shutdown(&mut self) {
+        // Best effort: the backend may already be gone.
+        let _ = self.0.shutdown().await;
+    }
+}
+
+pub struct WsRead(pub SplitStream<WebSocketStream<TcpStream>>);
+pub struct WsWrite(pub SplitSink<WebSocketStream<TcpStream>, Message>);
+
+pub fn websocket(ws: WebSocketStream<TcpStream>) -> (WsRead, WsWrite) {
+    let (sink, stream) = ws.split();
+    (WsRead(stream), WsWrite(sink))
+}
+
+impl BackendRead for WsRead {
+    async fn read_chunk(&mut self, _buf: &mut BytesMut) -> io::Result<Option<Bytes>> {
+        loop {
+            match self.0.next().await {
+                None | Some(Ok(Message::Close(_))) => return Ok(None),
+                Some(Ok(Message::Binary(data))) => return Ok(Some(data)),
+                Some(Ok(Message::Text(_))) => {
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, "backend sent a text frame"));
+                }
+                // Pings are answered by tungstenite itself; pongs and raw frames carry no RFB.
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(io::Error::other(e)),
+            }
+        }
+    }
+}
+
+impl BackendWrite for WsWrite {
+    async fn write_chunk(&mut self, data: Bytes) -> io::Result<()> {
+        self.0.send(Message::Binary(data)).await.map_err(io::Error::other)
+    }
+
+    async fn shutdown(&mut self) {
+        let _ = self.0.close().await;
+    }
+}

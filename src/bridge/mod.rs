@@ -1,0 +1,292 @@
+//! The bridge: after the 101, the only code that touches payload bytes.
+//!
+//! Two pumps run in one task: client -> backend and backend -> client. Each holds at most one
+//! chunk (one client message, or one backend read of [`backend::READ_CHUNK`]) between reading it
+//! and finishing the write on the other side, and reads the next one only after that write
+//! completed. So a side that stops reading stalls the other side's reads (TCP backpressure all
+//! the way to the sender) and memory per session stays bounded, whatever the peers do.
+//!
+//! The backend -> client pump also owns the session's timers (ping, dead peer, idle) and its
+//! control channel (drain, kick), because it holds the WebSocket sink that sends pings and the
+//! final close frame.
+
+pub mod backend;
+mod close;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::stream::SplitSink;
+use futures_util::{SinkExt, StreamExt};
+use prometheus::{Counter, IntCounter, IntGauge};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+
+pub use backend::{BackendRead, BackendWrite};
+pub use close::{CloseCode, EndReason};
+
+/// How long the closing handshake may take before the connection is simply dropped.
+const CLOSE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Per-session settings, copied from the config when the session starts (a reload does not
+/// change a live session).
+#[derive(Debug, Clone)]
+pub struct BridgeLimits {
+    pub ping_interval: Duration,
+    pub pong_timeout: Duration,
+    pub idle_timeout: Option<Duration>,
+}
+
+/// Pre-resolved metric handles, so the hot path never looks a label up.
+#[derive(Clone)]
+pub struct Meters {
+    pub client_to_backend_bytes: IntCounter,
+    pub backend_to_client_bytes: IntCounter,
+    pub client_to_backend_wait: Counter,
+    pub backend_to_client_wait: Counter,
+    pub buffered: IntGauge,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Outcome {
+    pub end: EndReason,
+    /// Client -> backend payload bytes.
+    pub bytes_in: u64,
+    /// Backend -> client payload bytes.
+    pub bytes_out: u64,
+}
+
+/// Bytes held between read and write; subtracted when dropped so a cancelled write (the other
+/// pump ended the session) cannot leave the gauge high.
+struct Held<'a> {
+    gauge: &'a IntGauge,
+    n: i64,
+}
+
+impl<'a> Held<'a> {
+    fn new(gauge: &'a IntGauge, n: usize) -> Self {
+        let n = n as i64;
+        gauge.add(n);
+        Held { gauge, n }
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.gauge.sub(self.n);
+    }
+}
+
+/// Milliseconds since the session started; an atomic so both pumps can read and write it.
+struct Clock {
+    start: Instant,
+}
+
+impl Clock {
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+}
+
+/// Relay until one side ends or the control channel says to close; then close both sides.
+pub async fn run<S, R, W>(
+    ws: WebSocketStream<S>,
+    mut backend_read: R,
+    mut backend_write: W,
+    limits: &BridgeLimits,
+    meters: &Meters,
+    mut control: watch::Receiver<Option<CloseCode>>,
+) -> Outcome
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+    R: BackendRead,
+    W: BackendWrite,
+{
+    let (mut sink, mut stream) = ws.split();
+    let clock = Clock { start: Instant::now() };
+    let last_seen = AtomicU64::new(0);
+    let last_input = AtomicU64::new(0);
+    let bytes_in = AtomicU64::new(0);
+    let bytes_out = AtomicU64::new(0);
+    // A peer that neither answers a ping nor accepts a byte for this long is treated as dead
+    // (half-open sockets never error on their own).
+    let dead_after = limits.ping_interval + limits.pong_timeout;
+
+    let client_to_backend = async {
+        loop {
+            let msg = match stream.next().await {
+                None => return EndReason::Client(CloseCode::Abnormal),
+                Some(Err(e)) => return classify_read_error(&e),
+                Some(Ok(msg)) => msg,
+            };
+            last_seen.store(clock.now_ms(), Ordering::Relaxed);
+            match msg {
+                Message::Binary(data) => {
+                    last_input.store(clock.now_ms(), Ordering::Relaxed);
+                    let n = data.len();
+                    let _held = Held::new(&meters.buffered, n);
+                    let started = Instant::now();
+                    let written = backend_write.write_chunk(data).await;
+                    meters.client_to_backend_wait.inc_by(started.elapsed().as_secs_f64());
+                    if written.is_err() {
+                        return EndReason::Gateway(CloseCode::TryAgain);
+                    }
+                    bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                    meters.client_to_backend_bytes.inc_by(n as u64);
+                }
+                Message::Text(_) => return EndReason::Gateway(CloseCode::Unsupported),
+                Message::Close(frame) => {
+                    let code = frame.map(|f| CloseCode::from_client(u16::from(f.code)));
+                    return EndReason::Client(code.unwrap_or(CloseCode::NoStatus));
+                }
+                // Pings are answered by tungstenite; a pong only proves liveness (recorded above).
+                Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}
+            }
+        }
+    };
+
+    let backend_to_client = async {
+        let mut buf = BytesMut::new();
+        let mut ping = tokio::time::interval(limits.ping_interval);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ping.tick().await; // the first tick is immediate; the first ping goes one interval in
+        let idle = limits.idle_timeout.unwrap_or(Duration::MAX);
+        let idle_timer = tokio::time::sleep(idle.min(Duration::from_secs(86400 * 365)));
+        tokio::pin!(idle_timer);
+        loop {
+            tokio::select! {
+                read = backend_read.read_chunk(&mut buf) => {
+                    let data = match read {
+                        Ok(Some(data)) => data,
+                        Ok(None) => return EndReason::Gateway(CloseCode::Normal),
+                        Err(_) => return EndReason::Gateway(CloseCode::TryAgain),
+                    };
+                    let n = data.len();
+                    let _held = Held::new(&meters.buffered, n);
+                    let started = Instant::now();
+                    if let Err(end) = send_or_stall(&mut sink, Message::Binary(data), dead_after, &mut control).await {
+                        return end;
+                    }
+                    meters.backend_to_client_wait.inc_by(started.elapsed().as_secs_f64());
+                    bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+                    meters.backend_to_client_bytes.inc_by(n as u64);
+                }
+                _ = ping.tick() => {
+                    let silent = clock.now_ms().saturating_sub(last_seen.load(Ordering::Relaxed));
+                    if Duration::from_millis(silent) > dead_after {
+                        return EndReason::Client(CloseCode::Abnormal);
+                    }
+                    if let Err(end) = send_or_stall(&mut sink, Message::Ping(Bytes::new()), dead_after, &mut control).await {
+                        return end;
+                    }
+                }
+                _ = &mut idle_timer, if limits.idle_timeout.is_some() => {
+                    let quiet = Duration::from_millis(
+                        clock.now_ms().saturating_sub(last_input.load(Ordering::Relaxed)),
+                    );
+                    if quiet >= idle {
+                        return EndReason::Gateway(CloseCode::Idle);
+                    }
+                    idle_timer.as_mut().reset(tokio::time::Instant::now() + (idle - quiet));
+                }
+                changed = control.changed() => {
+                    match (changed, *control.borrow()) {
+                        (_, Some(code)) => return EndReason::Gateway(code),
+                        // The registry dropped its sender: nobody can close us any more, which
+                        // only happens at process teardown.
+                        (Err(_), None) => return EndReason::Gateway(CloseCode::GoingAway),
+                        (Ok(()), None) => {}
+                    }
+                }
+            }
+        }
+    };
+
+    let end = tokio::select! {
+        end = client_to_backend => end,
+        end = backend_to_client => end,
+    };
+
+    finish(&mut sink, &mut stream, end).await;
+    backend_write.shutdown().await;
+    Outcome {
+        end,
+        bytes_in: bytes_in.load(Ordering::Relaxed),
+        bytes_out: bytes_out.load(Ordering::Relaxed),
+    }
+}
+
+/// Send one message, giving up when the client accepts nothing for `stall` (a dead or stalled
+/// reader) or when the control channel closes the session meanwhile.
+async fn send_or_stall<S>(
+    sink: &mut SplitSink<WebSocketStream<S>, Message>,
+    msg: Message,
+    stall: Duration,
+    control: &mut watch::Receiver<Option<CloseCode>>,
+) -> Result<(), EndReason>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let deadline = tokio::time::sleep(stall);
+    tokio::pin!(deadline);
+    let send = sink.send(msg);
+    tokio::pin!(send);
+    loop {
+        tokio::select! {
+            sent = &mut send => return sent.map_err(|_| EndReason::Client(CloseCode::Abnormal)),
+            _ = &mut deadline => return Err(EndReason::Client(CloseCode::Abnormal)),
+            changed = control.changed() => {
+                if let Some(code) = *control.borrow() {
+                    return Err(EndReason::Gateway(code));
+                }
+                if changed.is_err() {
+                    return Err(EndReason::Gateway(CloseCode::GoingAway));
+                }
+            }
+        }
+    }
+}
+
+fn classify_read_error(e: &WsError) -> EndReason {
+    match e {
+        WsError::Capacity(_) => EndReason::Gateway(CloseCode::TooBig),
+        WsError::Protocol(_) => EndReason::Gateway(CloseCode::ProtocolError),
+        WsError::Utf8(_) => EndReason::Gateway(CloseCode::Unsupported),
+        _ => EndReason::Client(CloseCode::Abnormal),
+    }
+}
+
+/// The closing handshake: send our close frame (or flush tungstenite's reply to the client's),
+/// then wait briefly for the peer's answer so the client sees a clean close, not a reset.
+async fn finish<S>(
+    sink: &mut SplitSink<WebSocketStream<S>, Message>,
+    stream: &mut futures_util::stream::SplitStream<WebSocketStream<S>>,
+    end: EndReason,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match end {
+        EndReason::Gateway(code) if code.is_sendable() => {
+            let frame = CloseFrame { code: code.as_u16().into(), reason: code.reason().into() };
+            let closing = async {
+                if sink.send(Message::Close(Some(frame))).await.is_err() {
+                    return;
+                }
+                while let Some(Ok(msg)) = stream.next().await {
+                    if msg.is_close() {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, closing).await;
+        }
+        EndReason::Client(CloseCode::Abnormal) => {}
+        _ => {
+            let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, sink.close()).await;
+        }
+    }
+}

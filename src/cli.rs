@@ -1,0 +1,146 @@
+//! The command line (contract §1). Exit codes: 0 ok, 2 bad usage or invalid config, 1 runtime
+//! failure; errors go to stderr, one line each.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::auth::mint::{TokenRequest, mint_hs256};
+use crate::config::{Algorithm, Config};
+use crate::server::{self, RunOptions};
+
+pub const EXIT_OK: i32 = 0;
+pub const EXIT_RUNTIME: i32 = 1;
+pub const EXIT_USAGE: i32 = 2;
+
+#[derive(Parser, Debug)]
+#[command(name = "vncgate", version, about = "Edge proxy for VNC farms: noVNC over wss:// with a JWT")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Serve with a config file.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+        /// Take the listening sockets over from a running instance (graceful upgrade).
+        #[arg(long)]
+        upgrade: bool,
+        #[arg(long)]
+        daemon: bool,
+    },
+    /// Validate a config file: exit 0, or 2 with one line per problem.
+    CheckConfig {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Print an HS256 token signed with the configured secret.
+    Token {
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long)]
+        sub: String,
+        #[arg(long)]
+        sid: Option<String>,
+        #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        #[arg(long)]
+        pool: Option<String>,
+        #[arg(long)]
+        backend: Option<String>,
+        #[arg(long)]
+        view_only: bool,
+        #[arg(long)]
+        jti: Option<String>,
+    },
+    /// Zero-setup local run: in-memory store, fresh secret, plain listener, one backend.
+    Demo(crate::demo::DemoArgs),
+}
+
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
+            let _ = e.print();
+            return code;
+        }
+    };
+    match cli.command {
+        Command::Run { config, upgrade, daemon } => {
+            let config = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            crate::telemetry::init(config.logging.format, &config.logging.level);
+            match server::run(config, RunOptions { upgrade, daemon }) {
+                Ok(()) => EXIT_OK,
+                Err(e) => {
+                    eprintln!("{e}");
+                    EXIT_RUNTIME
+                }
+            }
+        }
+        Command::CheckConfig { config } => match load(&config) {
+            Ok(c) => match crate::auth::Verifier::new(&c.auth) {
+                Ok(_) => EXIT_OK,
+                Err(e) => {
+                    eprintln!("{e}");
+                    EXIT_USAGE
+                }
+            },
+            Err(code) => code,
+        },
+        Command::Token { config, sub, sid, ttl, pool, backend, view_only, jti } => {
+            let config = match load(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let request = TokenRequest { sub, sid, ttl, pool, backend, view_only, jti };
+            match token(&config, &request) {
+                Ok(t) => {
+                    println!("{t}");
+                    EXIT_OK
+                }
+                Err(msg) => {
+                    eprintln!("{msg}");
+                    EXIT_USAGE
+                }
+            }
+        }
+        Command::Demo(args) => crate::demo::run(args),
+    }
+}
+
+/// Load and validate, printing every problem; `Err(exit code)` on failure.
+fn load(path: &std::path::Path) -> Result<Config, i32> {
+    Config::load(path).map_err(|errors| {
+        eprintln!("{errors}");
+        EXIT_USAGE
+    })
+}
+
+/// Mint a token the configured gateway will accept, refusing requests it would refuse anyway.
+pub fn token(config: &Config, req: &TokenRequest) -> Result<String, String> {
+    if !config.auth.algorithms.contains(&Algorithm::HS256) {
+        return Err("auth.algorithms: HS256 is not allowed, so vncgate cannot mint a token for this config".into());
+    }
+    let secret = config.auth.secret.as_ref().ok_or("auth.secret_env: no secret configured")?;
+    let pool_name = req.pool.as_deref().unwrap_or("default");
+    let pool = config.pool(pool_name).ok_or_else(|| format!("--pool: no pool named {pool_name:?}"))?;
+    if let Some(b) = &req.backend {
+        if !pool.backends.iter().any(|x| &x.name == b) {
+            return Err(format!("--backend: pool {pool_name:?} has no backend named {b:?}"));
+        }
+    }
+    if let Some(sid) = &req.sid {
+        if !crate::auth::authorize::valid_session_id(sid) {
+            return Err("--sid: must match [A-Za-z0-9._:-]{1,128}".into());
+        }
+    }
+    mint_hs256(secret.expose().as_bytes(), req).map_err(|e| format!("signing failed: {e}"))
+}

@@ -1,0 +1,198 @@
+//! Configuration: the YAML file schema (`file`), its validation with key paths (`validate`), and the
+//! resolved internal [`Config`] that the rest of vncgate reads.
+//!
+//! Why two layers: the file schema mirrors what operators write (strings, optional keys, `*_env`
+//! names), while the internal config holds what the code needs (parsed addresses, typed durations,
+//! secrets already read). Only this module knows about the file; every other module reads `Config`.
+
+mod file;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use jsonwebtoken::Algorithm;
+pub use validate::{ConfigError, ConfigErrors};
+
+/// A secret read from the environment. Its `Debug` never shows the value, so a config dump in a
+/// log line cannot leak it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// The resolved configuration. Built once at start (and again on reload); never mutated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerSettings,
+    pub listeners: Vec<ListenerConfig>,
+    /// Request paths (exact match, no query) that accept the WebSocket upgrade.
+    pub paths: Vec<String>,
+    pub web_root: Option<PathBuf>,
+    pub admin: Option<AdminConfig>,
+    pub auth: AuthConfig,
+    pub store: StoreConfig,
+    /// Pools by name; `BTreeMap` so iteration order (logs, metrics) is stable.
+    pub pools: BTreeMap<String, PoolConfig>,
+    pub limits: Limits,
+    pub logging: LoggingConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub threads: usize,
+    pub pid_file: PathBuf,
+    pub upgrade_sock: PathBuf,
+    /// On shutdown or upgrade, live sessions are kept this long, then closed with 1001.
+    pub drain: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    pub addr: SocketAddr,
+    pub tls: Option<TlsFiles>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub addr: SocketAddr,
+    /// `None` when `token_env` is unset in the file: `/admin/*` then answers 401 to everyone.
+    pub token: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnExpiry {
+    Close,
+    Keep,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// Allowed algorithms, from config only: the token header never widens this set.
+    pub algorithms: Vec<Algorithm>,
+    pub secret: Option<Secret>,
+    pub public_key_files: Vec<PathBuf>,
+    pub jwks_url: Option<String>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub leeway: Duration,
+    pub allowed_origins: Vec<String>,
+    pub on_expiry: OnExpiry,
+}
+
+#[derive(Debug, Clone)]
+pub enum StoreKind {
+    Memory,
+    Redis { url: Secret },
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub kind: StoreKind,
+    pub key_prefix: String,
+    pub session_idle_ttl: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub backends: Vec<BackendConfig>,
+    pub failover: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendProtocol {
+    /// Raw RFB over TCP (a VNC server's own port).
+    Rfb,
+    /// A backend that itself speaks RFB over WebSocket (e.g. a websockify in front of a desktop).
+    WebSocket { path: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct BackendConfig {
+    pub name: String,
+    /// `host:port`; a host name is resolved at connect time so DNS changes are followed.
+    pub addr: BackendAddr,
+    pub protocol: BackendProtocol,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BackendAddr {
+    pub host: String,
+    pub port: u16,
+}
+
+impl fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_sessions: usize,
+    pub max_sessions_per_user: usize,
+    pub auth_failures_per_minute: u32,
+    /// `None` = off.
+    pub idle_timeout: Option<Duration>,
+    pub max_message_bytes: usize,
+    pub ping_interval: Duration,
+    pub pong_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoggingConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+impl Config {
+    /// Read and validate a config file, reading secrets from the process environment.
+    pub fn load(path: &std::path::Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigErrors::single("", format!("cannot read {}: {e}", path.display())))?;
+        Config::from_yaml(&text, &|name| std::env::var(name).ok())
+    }
+
+    /// Parse and validate YAML text; `env` looks up the variables named by `*_env` keys (tests pass
+    /// their own lookup instead of mutating the process environment).
+    pub fn from_yaml(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigErrors> {
+        let raw = file::parse(text)?;
+        validate::resolve(raw, env)
+    }
+
+    pub fn pool(&self, name: &str) -> Option<&PoolConfig> {
+        self.pools.get(name)
+    }
+}

@@ -1,0 +1,79 @@
+//! The Pingora app: one [`Gateway`] shared by every connection of the public listeners.
+//!
+//! - `process_new_http` reads the request and routes it: a WebSocket upgrade on a configured
+//!   path ([`upgrade`]), `/healthz`, a static file from `web_root` ([`static_files`]), or 404.
+//! - [`refusal`] is the one table from any refusal to its HTTP status and contract code.
+//! - [`admin`] is the separate admin listener (`/healthz`, `/readyz`, `/metrics`, `/admin/*`).
+
+pub mod admin;
+pub mod handshake;
+pub mod refusal;
+mod respond;
+pub mod static_files;
+mod upgrade;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use http::StatusCode;
+use pingora_core::apps::{HttpServerApp, ReusedHttpStream};
+use pingora_core::protocols::http::ServerSession;
+use pingora_core::server::ShutdownWatch;
+
+use crate::admission::Admission;
+use crate::auth::Verifier;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::routing::Router;
+use crate::sessions::Registry;
+use refusal::{ErrorCode, Refusal};
+
+/// Everything a connection needs, built once at start.
+pub struct Gateway {
+    pub config: Arc<Config>,
+    pub verifier: Verifier,
+    pub admission: Arc<Admission>,
+    pub router: Router,
+    pub sessions: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The public listeners' app.
+pub struct App(pub Arc<Gateway>);
+
+#[async_trait]
+impl HttpServerApp for App {
+    async fn process_new_http(
+        self: &Arc<Self>,
+        mut session: ServerSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        match session.read_request().await {
+            Ok(true) => {}
+            // The client closed an idle keep-alive connection, or sent garbage: nothing to answer.
+            Ok(false) | Err(_) => return None,
+        }
+        if *shutdown.borrow() {
+            session.set_keepalive(None);
+        }
+        let gw = &self.0;
+        let path = session.req_header().uri.path().to_owned();
+        if gw.config.paths.iter().any(|p| *p == path) {
+            return upgrade::handle(gw, session, shutdown).await;
+        }
+        let method = session.req_header().method.clone();
+        let readable = method == http::Method::GET || method == http::Method::HEAD;
+        if readable && path == "/healthz" {
+            return respond::json(session, StatusCode::OK, serde_json::json!({"status": "ok"}), &[]).await;
+        }
+        if readable {
+            if let Some(root) = &gw.config.web_root {
+                if let Some(file) = static_files::load(root, &path).await {
+                    return respond::send(session, StatusCode::OK, &file.content_type, file.body, &[]).await;
+                }
+            }
+        }
+        let refusal = Refusal::new(ErrorCode::NotFound, "no such path");
+        respond::send(session, StatusCode::NOT_FOUND, "application/json", refusal.body(), &[]).await
+    }
+}

@@ -1,0 +1,181 @@
+//! The one table from "why this upgrade was refused" to the contract's HTTP status and error
+//! code (§5). Modules return their own typed errors; they are turned into a [`Refusal`] here and
+//! nowhere else, so a code cannot drift between two call sites.
+
+use http::StatusCode;
+
+use crate::admission::AdmissionError;
+use crate::auth::AuthError;
+use crate::routing::RoutingError;
+
+/// Every error code of contract §5.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    BadUpgrade,
+    BadSessionId,
+    TokenMissing,
+    TokenMalformed,
+    TokenSignature,
+    TokenExpired,
+    TokenNotYetValid,
+    TokenIssuer,
+    TokenAudience,
+    TokenAlgorithm,
+    OriginDenied,
+    SessionOwnedByOtherUser,
+    TokenRevoked,
+    PoolUnknown,
+    BackendNotAllowed,
+    NotFound,
+    TooManySessions,
+    TooManyAuthFailures,
+    BackendConnectFailed,
+    BackendUnavailable,
+    NoHealthyBackend,
+    OverCapacity,
+    Draining,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 23] = [
+        ErrorCode::BadUpgrade,
+        ErrorCode::BadSessionId,
+        ErrorCode::TokenMissing,
+        ErrorCode::TokenMalformed,
+        ErrorCode::TokenSignature,
+        ErrorCode::TokenExpired,
+        ErrorCode::TokenNotYetValid,
+        ErrorCode::TokenIssuer,
+        ErrorCode::TokenAudience,
+        ErrorCode::TokenAlgorithm,
+        ErrorCode::OriginDenied,
+        ErrorCode::SessionOwnedByOtherUser,
+        ErrorCode::TokenRevoked,
+        ErrorCode::PoolUnknown,
+        ErrorCode::BackendNotAllowed,
+        ErrorCode::NotFound,
+        ErrorCode::TooManySessions,
+        ErrorCode::TooManyAuthFailures,
+        ErrorCode::BackendConnectFailed,
+        ErrorCode::BackendUnavailable,
+        ErrorCode::NoHealthyBackend,
+        ErrorCode::OverCapacity,
+        ErrorCode::Draining,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadUpgrade => "bad_upgrade",
+            ErrorCode::BadSessionId => "bad_session_id",
+            ErrorCode::TokenMissing => "token_missing",
+            ErrorCode::TokenMalformed => "token_malformed",
+            ErrorCode::TokenSignature => "token_signature",
+            ErrorCode::TokenExpired => "token_expired",
+            ErrorCode::TokenNotYetValid => "token_not_yet_valid",
+            ErrorCode::TokenIssuer => "token_issuer",
+            ErrorCode::TokenAudience => "token_audience",
+            ErrorCode::TokenAlgorithm => "token_algorithm",
+            ErrorCode::OriginDenied => "origin_denied",
+            ErrorCode::SessionOwnedByOtherUser => "session_owned_by_other_user",
+            ErrorCode::TokenRevoked => "token_revoked",
+            ErrorCode::PoolUnknown => "pool_unknown",
+            ErrorCode::BackendNotAllowed => "backend_not_allowed",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::TooManySessions => "too_many_sessions",
+            ErrorCode::TooManyAuthFailures => "too_many_auth_failures",
+            ErrorCode::BackendConnectFailed => "backend_connect_failed",
+            ErrorCode::BackendUnavailable => "backend_unavailable",
+            ErrorCode::NoHealthyBackend => "no_healthy_backend",
+            ErrorCode::OverCapacity => "over_capacity",
+            ErrorCode::Draining => "draining",
+        }
+    }
+
+    pub fn status(self) -> StatusCode {
+        use ErrorCode::*;
+        match self {
+            BadUpgrade | BadSessionId => StatusCode::BAD_REQUEST,
+            TokenMissing | TokenMalformed | TokenSignature | TokenExpired | TokenNotYetValid
+            | TokenIssuer | TokenAudience | TokenAlgorithm => StatusCode::UNAUTHORIZED,
+            OriginDenied | SessionOwnedByOtherUser | TokenRevoked | PoolUnknown
+            | BackendNotAllowed => StatusCode::FORBIDDEN,
+            NotFound => StatusCode::NOT_FOUND,
+            TooManySessions | TooManyAuthFailures => StatusCode::TOO_MANY_REQUESTS,
+            BackendConnectFailed => StatusCode::BAD_GATEWAY,
+            BackendUnavailable | NoHealthyBackend | OverCapacity | Draining => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+        }
+    }
+
+    /// Refusals counted in `vncgate_auth_failures_total` and in the per-address throttle: the
+    /// 401s and the 403s (contract §8: "the 401/403 code").
+    pub fn is_auth_failure(self) -> bool {
+        matches!(self.status(), StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN)
+    }
+}
+
+/// A refused request: the code plus a short human message (never a token, never internals).
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl Refusal {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Refusal { code, message: message.into() }
+    }
+
+    /// The JSON body of contract §5.
+    pub fn body(&self) -> Vec<u8> {
+        serde_json::json!({ "error": self.code.as_str(), "message": self.message })
+            .to_string()
+            .into_bytes()
+    }
+}
+
+impl From<AuthError> for Refusal {
+    fn from(e: AuthError) -> Self {
+        let code = match &e {
+            AuthError::Missing => ErrorCode::TokenMissing,
+            AuthError::Malformed(_) => ErrorCode::TokenMalformed,
+            AuthError::Signature => ErrorCode::TokenSignature,
+            AuthError::Expired => ErrorCode::TokenExpired,
+            AuthError::NotYetValid => ErrorCode::TokenNotYetValid,
+            AuthError::Issuer => ErrorCode::TokenIssuer,
+            AuthError::Audience => ErrorCode::TokenAudience,
+            AuthError::Algorithm => ErrorCode::TokenAlgorithm,
+            AuthError::BadSessionId => ErrorCode::BadSessionId,
+            AuthError::OriginDenied => ErrorCode::OriginDenied,
+            AuthError::PoolUnknown => ErrorCode::PoolUnknown,
+            AuthError::BackendNotAllowed => ErrorCode::BackendNotAllowed,
+        };
+        Refusal::new(code, e.to_string())
+    }
+}
+
+impl From<AdmissionError> for Refusal {
+    fn from(e: AdmissionError) -> Self {
+        let code = match &e {
+            AdmissionError::OverCapacity => ErrorCode::OverCapacity,
+            AdmissionError::TooManySessions => ErrorCode::TooManySessions,
+            AdmissionError::TooManyAuthFailures => ErrorCode::TooManyAuthFailures,
+            AdmissionError::Draining => ErrorCode::Draining,
+        };
+        Refusal::new(code, e.to_string())
+    }
+}
+
+impl From<RoutingError> for Refusal {
+    fn from(e: RoutingError) -> Self {
+        let code = match &e {
+            RoutingError::OwnedByOtherUser => ErrorCode::SessionOwnedByOtherUser,
+            RoutingError::BackendUnavailable(_) => ErrorCode::BackendUnavailable,
+            RoutingError::NoHealthyBackend(_) => ErrorCode::NoHealthyBackend,
+            RoutingError::PoolUnknown(_) => ErrorCode::PoolUnknown,
+            RoutingError::BackendNotAllowed => ErrorCode::BackendNotAllowed,
+        };
+        Refusal::new(code, e.to_string())
+    }
+}

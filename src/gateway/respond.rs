@@ -1,0 +1,44 @@
+//! Writing plain HTTP answers (JSON errors, static files, health) on a Pingora session.
+
+use bytes::Bytes;
+use http::StatusCode;
+use pingora_core::apps::{HttpPersistentSettings, ReusedHttpStream};
+use pingora_core::protocols::http::ServerSession;
+use pingora_http::ResponseHeader;
+
+/// Write a full response; returns the connection for keep-alive reuse when it is reusable.
+pub async fn send(
+    mut session: ServerSession,
+    status: StatusCode,
+    content_type: &str,
+    body: Vec<u8>,
+    extra: &[(&'static str, String)],
+) -> Option<ReusedHttpStream> {
+    let head_only = session.req_header().method == http::Method::HEAD;
+    let mut header = ResponseHeader::build(status, Some(4 + extra.len())).ok()?;
+    header.insert_header(http::header::CONTENT_TYPE, content_type).ok()?;
+    header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string()).ok()?;
+    header.insert_header(http::header::CACHE_CONTROL, "no-store").ok()?;
+    header.insert_header("x-content-type-options", "nosniff").ok()?;
+    for (name, value) in extra {
+        header.insert_header(*name, value.as_str()).ok()?;
+    }
+    session.write_response_header(Box::new(header)).await.ok()?;
+    if !head_only && !body.is_empty() {
+        session.write_response_body(Bytes::from(body), true).await.ok()?;
+    }
+    let settings = HttpPersistentSettings::for_session(&session);
+    match session.finish().await {
+        Ok(reusable) => reusable.map(|s| ReusedHttpStream::from_reusable_stream(s, settings)),
+        Err(_) => None,
+    }
+}
+
+pub async fn json(
+    session: ServerSession,
+    status: StatusCode,
+    value: serde_json::Value,
+    extra: &[(&'static str, String)],
+) -> Option<ReusedHttpStream> {
+    send(session, status, "application/json", value.to_string().into_bytes(), extra).await
+}

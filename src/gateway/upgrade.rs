@@ -1,0 +1,322 @@
+//! One WebSocket upgrade, from request to session end. Every check that can refuse runs before
+//! the 101, so a refused client gets an HTTP status and a JSON code rather than a close frame.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
+use http::StatusCode;
+use pingora_core::apps::ReusedHttpStream;
+use pingora_core::protocols::http::ServerSession;
+use pingora_core::server::ShutdownWatch;
+use pingora_http::ResponseHeader;
+use tokio::net::TcpStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tracing::{Instrument, Span, field};
+
+use super::handshake::{self, Handshake};
+use super::refusal::{ErrorCode, Refusal};
+use super::{Gateway, respond};
+use crate::admission::Ticket;
+use crate::auth::{Claims, authorize, extract};
+use crate::bridge::{self, BridgeLimits, Meters, backend};
+use crate::config::{BackendConfig, BackendProtocol};
+use crate::routing::Placement;
+use crate::routing::health::BackendSessionGuard;
+use crate::sessions::SessionInfo;
+
+const BACKEND_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a successful admission holds until the session ends.
+struct Admitted {
+    claims: Claims,
+    handshake: Handshake,
+    placement: Placement,
+    backend: BackendConn,
+    _ticket: Ticket,
+    _backend_session: BackendSessionGuard,
+}
+
+enum BackendConn {
+    Tcp(TcpStream),
+    WebSocket(WebSocketStream<TcpStream>),
+}
+
+pub async fn handle(
+    gw: &Arc<Gateway>,
+    session: ServerSession,
+    shutdown: &ShutdownWatch,
+) -> Option<ReusedHttpStream> {
+    let conn_id = gw.sessions.next_conn_id();
+    let client_addr: Option<SocketAddr> = session.client_addr().and_then(|a| a.as_inet()).copied();
+    let span = tracing::info_span!(
+        "conn",
+        conn_id,
+        client_addr = field::display(client_addr.map(|a| a.to_string()).unwrap_or_default()),
+        session_id = field::Empty,
+        user_id = field::Empty,
+        pool = field::Empty,
+        backend = field::Empty,
+    );
+    run(gw, session, shutdown, conn_id, client_addr).instrument(span).await
+}
+
+async fn run(
+    gw: &Arc<Gateway>,
+    mut session: ServerSession,
+    shutdown: &ShutdownWatch,
+    conn_id: u64,
+    client_addr: Option<SocketAddr>,
+) -> Option<ReusedHttpStream> {
+    let started = Instant::now();
+    let ip = client_addr.map(|a| a.ip());
+    match admit(gw, &session, shutdown, ip).await {
+        Err(refusal) => {
+            refuse(gw, session, ip, refusal).await;
+            None
+        }
+        Ok(admitted) => {
+            gw.metrics.upgrade_duration.observe(started.elapsed().as_secs_f64());
+            gw.metrics.upgrades_total.with_label_values(&["ok"]).inc();
+            let early = match switch_protocols(&mut session, &admitted.handshake).await {
+                Some(early) => early,
+                None => return None,
+            };
+            let ServerSession::H1(h1) = session else { return None };
+            serve(gw, h1.into_inner(), early, admitted, conn_id, client_addr).await;
+            None
+        }
+    }
+}
+
+/// Steps 1-7 of the upgrade path (see ARCHITECTURE.md); any refusal stops here.
+async fn admit(
+    gw: &Arc<Gateway>,
+    session: &ServerSession,
+    shutdown: &ShutdownWatch,
+    ip: Option<IpAddr>,
+) -> Result<Admitted, Refusal> {
+    if *shutdown.borrow() || gw.admission.is_draining() {
+        return Err(Refusal::new(ErrorCode::Draining, "the gateway is draining; reconnect"));
+    }
+    if session.is_http2() {
+        return Err(Refusal::new(ErrorCode::BadUpgrade, "WebSocket over HTTP/2 is not supported"));
+    }
+    let req = session.req_header();
+    let handshake = handshake::validate(&req.method, req.version, &req.headers)
+        .map_err(|e| Refusal::new(ErrorCode::BadUpgrade, e.to_string()))?;
+    let config = &gw.config;
+    let origin = req.headers.get(http::header::ORIGIN).map(|v| v.as_bytes());
+    authorize::check_origin(origin, &config.auth.allowed_origins)?;
+    if let Some(ip) = ip {
+        gw.admission.check_auth_throttle(ip)?;
+    }
+    let (token, source) = extract::token(&req.headers, &req.uri, &handshake.protocols)?
+        .ok_or(crate::auth::AuthError::Missing)?;
+    let claims = gw.verifier.verify(&token)?;
+    drop(token);
+    authorize::authorize(&claims, config)?;
+    let span = Span::current();
+    span.record("session_id", claims.session_id());
+    span.record("user_id", claims.sub.as_str());
+    span.record("pool", claims.pool_name());
+    tracing::debug!(event = "token_accepted", source = source.as_str(), "token accepted");
+
+    let ticket = gw.admission.admit(&claims.sub)?;
+    let placement = gw.router.place(config, &claims).await?;
+    span.record("backend", placement.backend.name.as_str());
+    let connect_started = Instant::now();
+    let backend = match connect(&placement.backend).await {
+        Ok(conn) => conn,
+        Err(e) => {
+            gw.router.health().report_connect_failure(&placement.state, &e);
+            tracing::warn!(event = "backend_connect_failed", error = %e, "backend connect failed");
+            return Err(Refusal::new(ErrorCode::BackendConnectFailed, "could not connect to the backend"));
+        }
+    };
+    gw.metrics
+        .backend_connect_duration
+        .with_label_values(&[placement.pool.as_str()])
+        .observe(connect_started.elapsed().as_secs_f64());
+    let backend_session = placement.state.session_started();
+    Ok(Admitted { claims, handshake, placement, backend, _ticket: ticket, _backend_session: backend_session })
+}
+
+async fn connect(backend: &BackendConfig) -> Result<BackendConn, String> {
+    let target = (backend.addr.host.as_str(), backend.addr.port);
+    let tcp = tokio::time::timeout(BACKEND_CONNECT_TIMEOUT, TcpStream::connect(target))
+        .await
+        .map_err(|_| "connect timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    // RFB is interactive: a key press must not wait for Nagle's timer.
+    let _ = tcp.set_nodelay(true);
+    match &backend.protocol {
+        BackendProtocol::Rfb => Ok(BackendConn::Tcp(tcp)),
+        BackendProtocol::WebSocket { path } => {
+            let url = format!("ws://{}{}", backend.addr, path);
+            let handshake = tokio_tungstenite::client_async_with_config(url, tcp, None);
+            let (ws, _) = tokio::time::timeout(BACKEND_CONNECT_TIMEOUT, handshake)
+                .await
+                .map_err(|_| "websocket handshake timed out".to_owned())?
+                .map_err(|e| e.to_string())?;
+            Ok(BackendConn::WebSocket(ws))
+        }
+    }
+}
+
+async fn refuse(gw: &Arc<Gateway>, mut session: ServerSession, ip: Option<IpAddr>, refusal: Refusal) {
+    let code = refusal.code;
+    gw.metrics.upgrades_total.with_label_values(&[code.as_str()]).inc();
+    if code.is_auth_failure() {
+        gw.metrics.auth_failures_total.with_label_values(&[code.as_str()]).inc();
+        if let Some(ip) = ip {
+            gw.admission.record_auth_failure(ip);
+        }
+    }
+    let target = extract::redacted_target(&session.req_header().uri);
+    tracing::info!(
+        event = "upgrade_rejected",
+        code = code.as_str(),
+        status = code.status().as_u16(),
+        path = %target,
+        "{}",
+        refusal.message
+    );
+    let mut extra = Vec::new();
+    if code == ErrorCode::BadUpgrade {
+        extra.push(("sec-websocket-version", "13".to_owned()));
+    }
+    if code.status() == StatusCode::TOO_MANY_REQUESTS || code.status() == StatusCode::SERVICE_UNAVAILABLE {
+        extra.push(("retry-after", "5".to_owned()));
+    }
+    session.set_keepalive(None);
+    respond::send(session, code.status(), "application/json", refusal.body(), &extra).await;
+}
+
+/// Answer 101 and collect any bytes the client sent right behind the request (legal, and
+/// `into_inner` would drop them): they are the start of the WebSocket stream.
+async fn switch_protocols(session: &mut ServerSession, handshake: &Handshake) -> Option<Vec<u8>> {
+    let mut resp = ResponseHeader::build(StatusCode::SWITCHING_PROTOCOLS, Some(4)).ok()?;
+    resp.insert_header(http::header::UPGRADE, "websocket").ok()?;
+    resp.insert_header(http::header::CONNECTION, "Upgrade").ok()?;
+    resp.insert_header(http::header::SEC_WEBSOCKET_ACCEPT, handshake.accept.as_str()).ok()?;
+    if handshake.protocols.offered {
+        // Only ever `binary`: the bearer entry is a credential and is never echoed.
+        resp.insert_header(http::header::SEC_WEBSOCKET_PROTOCOL, extract::BINARY_PROTOCOL).ok()?;
+    }
+    session.write_response_header(Box::new(resp)).await.ok()?;
+    let mut early = Vec::new();
+    // After the 101 Pingora treats the rest of the stream as the body. Take only what is
+    // already buffered or readable without waiting: RFB's server speaks first, so a client may
+    // legitimately send nothing until the backend's greeting arrives.
+    while let Some(Ok(Some(chunk))) = session.read_request_body().now_or_never() {
+        early.extend_from_slice(&chunk);
+    }
+    Some(early)
+}
+
+async fn serve(
+    gw: &Arc<Gateway>,
+    stream: pingora_core::protocols::Stream,
+    early: Vec<u8>,
+    admitted: Admitted,
+    conn_id: u64,
+    client_addr: Option<SocketAddr>,
+) {
+    let config = &gw.config;
+    let limits = &config.limits;
+    let ws_config = WebSocketConfig::default()
+        .max_message_size(Some(limits.max_message_bytes))
+        .max_frame_size(Some(limits.max_message_bytes))
+        // Frames go out as soon as they are written: RFB is latency-bound, and the bridge
+        // already sends whole chunks.
+        .write_buffer_size(0);
+    let ws = WebSocketStream::from_partially_read(stream, early, Role::Server, Some(ws_config)).await;
+
+    // The ticket and backend-session guard are held (by name) until the session ends.
+    let Admitted { claims, placement, backend, _ticket, _backend_session, .. } = admitted;
+    let pool = placement.pool.as_str();
+    let sid = claims.session_id().to_owned();
+    let (_registration, control) = gw.sessions.register(SessionInfo {
+        conn_id,
+        session_id: sid.clone(),
+        user_id: claims.sub.clone(),
+        pool: pool.to_owned(),
+        backend: placement.backend.name.clone(),
+        jti: claims.jti.clone(),
+        client_addr,
+        started: Instant::now(),
+    });
+    let active = gw.metrics.sessions_active.with_label_values(&[pool]);
+    active.inc();
+    tracing::info!(event = "session_started", view_only = claims.view_only, "session started");
+    let started = Instant::now();
+    let bridge_limits = BridgeLimits {
+        ping_interval: limits.ping_interval,
+        pong_timeout: limits.pong_timeout,
+        idle_timeout: limits.idle_timeout,
+    };
+    let meters = meters(gw);
+    let outcome = {
+        let refresh = keep_pin_alive(gw, &sid);
+        let relay = async {
+            match backend {
+                BackendConn::Tcp(tcp) => {
+                    let (r, w) = backend::tcp(tcp);
+                    bridge::run(ws, r, w, &bridge_limits, &meters, control).await
+                }
+                BackendConn::WebSocket(bws) => {
+                    let (r, w) = backend::websocket(bws);
+                    bridge::run(ws, r, w, &bridge_limits, &meters, control).await
+                }
+            }
+        };
+        tokio::select! {
+            outcome = relay => outcome,
+            never = refresh => match never {},
+        }
+    };
+    active.dec();
+    let code = outcome.end.code();
+    gw.metrics.disconnects_total.with_label_values(&[&code.as_u16().to_string()]).inc();
+    gw.metrics.session_duration.with_label_values(&[pool]).observe(started.elapsed().as_secs_f64());
+    // The pin outlives the session by the idle TTL from now.
+    if let Err(e) = gw.router.store().refresh(&sid, gw.router.idle_ttl()).await {
+        tracing::warn!(event = "store_error", op = "refresh", error = %e, "pin refresh failed");
+    }
+    tracing::info!(
+        event = "session_ended",
+        close_code = code.as_u16(),
+        closed_by = match outcome.end { bridge::EndReason::Client(_) => "client", bridge::EndReason::Gateway(_) => "gateway" },
+        bytes_in = outcome.bytes_in,
+        bytes_out = outcome.bytes_out,
+        duration_ms = started.elapsed().as_millis() as u64,
+        "session ended"
+    );
+}
+
+/// Refresh the pin while the session lives, so a session longer than the idle TTL keeps it.
+async fn keep_pin_alive(gw: &Arc<Gateway>, sid: &str) -> std::convert::Infallible {
+    let ttl = gw.router.idle_ttl();
+    let mut tick = tokio::time::interval((ttl / 3).max(Duration::from_secs(1)));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        if let Err(e) = gw.router.store().refresh(sid, ttl).await {
+            tracing::warn!(event = "store_error", op = "refresh", error = %e, "pin refresh failed");
+        }
+    }
+}
+
+fn meters(gw: &Gateway) -> Meters {
+    let m = &gw.metrics;
+    Meters {
+        client_to_backend_bytes: m.relay_bytes_total.with_label_values(&["client_to_backend"]),
+        backend_to_client_bytes: m.relay_bytes_total.with_label_values(&["backend_to_client"]),
+        client_to_backend_wait: m.backpressure_wait_seconds_total.with_label_values(&["client_to_backend"]),
+        backend_to_client_wait: m.backpressure_wait_seconds_total.with_label_values(&["backend_to_client"]),
+        buffered: m.relay_buffered_bytes.clone(),
+    }
+}

@@ -1,0 +1,210 @@
+//! The contract's Prometheus metrics (§8), in one place.
+//!
+//! Every series a dashboard or alert uses exists from the first scrape, at zero: label values
+//! are known up front (error codes, close codes, pools, backends) and touched at start, so a
+//! `rate()` over a code that has never happened yet is 0 rather than "no data".
+//! Never a user, session or token as a label: cardinality stays bounded by the config.
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::bridge::CloseCode;
+use crate::config::Config;
+use crate::gateway::refusal::ErrorCode;
+
+pub const DIRECTIONS: [&str; 2] = ["client_to_backend", "backend_to_client"];
+pub const STORE_OPS: [&str; 4] = ["get", "claim", "refresh", "release"];
+
+pub struct Metrics {
+    registry: Registry,
+    pub build_info: GaugeVec,
+    pub upgrades_total: IntCounterVec,
+    pub upgrade_duration: Histogram,
+    pub sessions_active: IntGaugeVec,
+    pub session_duration: HistogramVec,
+    pub disconnects_total: IntCounterVec,
+    pub relay_bytes_total: IntCounterVec,
+    pub backpressure_wait_seconds_total: prometheus::CounterVec,
+    pub backend_up: IntGaugeVec,
+    pub backend_sessions: IntGaugeVec,
+    pub backend_connect_duration: HistogramVec,
+    pub store_up: IntGauge,
+    pub store_errors_total: IntCounterVec,
+    pub store_op_duration: HistogramVec,
+    pub auth_failures_total: IntCounterVec,
+    /// Not in the contract's table (allowed: additions only). Bytes read from one side and not
+    /// yet written to the other, summed over sessions: the proof that buffers stay bounded.
+    pub relay_buffered_bytes: IntGauge,
+    /// Configured capacity, so alerts can compare `sessions_active` with it.
+    pub max_sessions: Gauge,
+}
+
+fn hist(name: &str, help: &str, buckets: &[f64]) -> HistogramOpts {
+    HistogramOpts::new(name, help).buckets(buckets.to_vec())
+}
+
+// Upgrades and connects are sub-millisecond on a LAN and seconds when a backend is slow.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+// VNC sessions last from seconds (a failed login) to days (a pinned desktop left open).
+const SESSION_BUCKETS: &[f64] = &[
+    1.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 86400.0,
+    259200.0,
+];
+// A store round trip on a LAN is ~0.1-1 ms; timeouts sit at 0.5 s.
+const STORE_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
+
+impl Metrics {
+    /// Build the metric set and pre-create every series the config implies.
+    pub fn new(config: &Config) -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let m = Metrics {
+            build_info: GaugeVec::new(
+                Opts::new("vncgate_build_info", "Build information; always 1."),
+                &["version"],
+            )?,
+            upgrades_total: IntCounterVec::new(
+                Opts::new("vncgate_upgrades_total", "WebSocket upgrade attempts by result."),
+                &["result"],
+            )?,
+            upgrade_duration: Histogram::with_opts(hist(
+                "vncgate_upgrade_duration_seconds",
+                "Time from request read to backend connected, for successful upgrades.",
+                LATENCY_BUCKETS,
+            ))?,
+            sessions_active: IntGaugeVec::new(
+                Opts::new("vncgate_sessions_active", "Live bridged sessions."),
+                &["pool"],
+            )?,
+            session_duration: HistogramVec::new(
+                hist("vncgate_session_duration_seconds", "Duration of ended sessions.", SESSION_BUCKETS),
+                &["pool"],
+            )?,
+            disconnects_total: IntCounterVec::new(
+                Opts::new("vncgate_disconnects_total", "Ended sessions by WebSocket close code."),
+                &["code"],
+            )?,
+            relay_bytes_total: IntCounterVec::new(
+                Opts::new("vncgate_relay_bytes_total", "Payload bytes relayed."),
+                &["direction"],
+            )?,
+            backpressure_wait_seconds_total: prometheus::CounterVec::new(
+                Opts::new(
+                    "vncgate_backpressure_wait_seconds_total",
+                    "Time spent waiting for the receiving side to accept more bytes.",
+                ),
+                &["direction"],
+            )?,
+            backend_up: IntGaugeVec::new(
+                Opts::new("vncgate_backend_up", "1 when the backend passes its health check."),
+                &["pool", "backend"],
+            )?,
+            backend_sessions: IntGaugeVec::new(
+                Opts::new("vncgate_backend_sessions", "Live sessions per backend."),
+                &["pool", "backend"],
+            )?,
+            backend_connect_duration: HistogramVec::new(
+                hist(
+                    "vncgate_backend_connect_duration_seconds",
+                    "Time to connect to a backend.",
+                    LATENCY_BUCKETS,
+                ),
+                &["pool"],
+            )?,
+            store_up: IntGauge::new("vncgate_store_up", "1 when the session store is reachable.")?,
+            store_errors_total: IntCounterVec::new(
+                Opts::new("vncgate_store_errors_total", "Failed session store operations."),
+                &["op"],
+            )?,
+            store_op_duration: HistogramVec::new(
+                hist("vncgate_store_op_duration_seconds", "Session store operation latency.", STORE_BUCKETS),
+                &["op"],
+            )?,
+            auth_failures_total: IntCounterVec::new(
+                Opts::new("vncgate_auth_failures_total", "Refused upgrades by auth reason."),
+                &["reason"],
+            )?,
+            relay_buffered_bytes: IntGauge::new(
+                "vncgate_relay_buffered_bytes",
+                "Bytes read from one side of a session and not yet written to the other.",
+            )?,
+            max_sessions: Gauge::new("vncgate_max_sessions", "Configured limits.max_sessions.")?,
+            registry,
+        };
+        m.register_all()?;
+        m.touch_series(config);
+        Ok(m)
+    }
+
+    fn register_all(&self) -> Result<(), prometheus::Error> {
+        let r = &self.registry;
+        r.register(Box::new(self.build_info.clone()))?;
+        r.register(Box::new(self.upgrades_total.clone()))?;
+        r.register(Box::new(self.upgrade_duration.clone()))?;
+        r.register(Box::new(self.sessions_active.clone()))?;
+        r.register(Box::new(self.session_duration.clone()))?;
+        r.register(Box::new(self.disconnects_total.clone()))?;
+        r.register(Box::new(self.relay_bytes_total.clone()))?;
+        r.register(Box::new(self.backpressure_wait_seconds_total.clone()))?;
+        r.register(Box::new(self.backend_up.clone()))?;
+        r.register(Box::new(self.backend_sessions.clone()))?;
+        r.register(Box::new(self.backend_connect_duration.clone()))?;
+        r.register(Box::new(self.store_up.clone()))?;
+        r.register(Box::new(self.store_errors_total.clone()))?;
+        r.register(Box::new(self.store_op_duration.clone()))?;
+        r.register(Box::new(self.auth_failures_total.clone()))?;
+        r.register(Box::new(self.relay_buffered_bytes.clone()))?;
+        r.register(Box::new(self.max_sessions.clone()))?;
+        Ok(())
+    }
+
+    fn touch_series(&self, config: &Config) {
+        self.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1.0);
+        self.upgrades_total.with_label_values(&["ok"]);
+        for code in ErrorCode::ALL {
+            self.upgrades_total.with_label_values(&[code.as_str()]);
+            if code.is_auth_failure() {
+                self.auth_failures_total.with_label_values(&[code.as_str()]);
+            }
+        }
+        for code in CloseCode::ALL {
+            self.disconnects_total.with_label_values(&[&code.as_u16().to_string()]);
+        }
+        for dir in DIRECTIONS {
+            self.relay_bytes_total.with_label_values(&[dir]);
+            self.backpressure_wait_seconds_total.with_label_values(&[dir]);
+        }
+        for (pool_name, pool) in &config.pools {
+            self.sessions_active.with_label_values(&[pool_name]);
+            self.session_duration.with_label_values(&[pool_name]);
+            self.backend_connect_duration.with_label_values(&[pool_name]);
+            for backend in &pool.backends {
+                self.backend_up.with_label_values(&[pool_name, &backend.name]);
+                self.backend_sessions.with_label_values(&[pool_name, &backend.name]);
+            }
+        }
+        for op in STORE_OPS {
+            self.store_errors_total.with_label_values(&[op]);
+            self.store_op_duration.with_label_values(&[op]);
+        }
+        // The embedded store is always reachable; a remote store reports its own state.
+        self.store_up.set(1);
+        self.max_sessions.set(config.limits.max_sessions as f64);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        // Encoding into a Vec cannot fail for I/O; a failure would be a malformed metric family,
+        // which the registry already rejects at registration.
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(event = "metrics_error", error = %e, "encoding metrics failed");
+        }
+        out
+    }
+}

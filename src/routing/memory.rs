@@ -1,0 +1,111 @@
+//! The embedded store: one process, no dependencies. Pins expire like Redis keys would.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+
+use super::store::{Pin, SessionStore, StoreError, unix_ms};
+
+/// Expired pins are swept when the map has grown by this much since the last sweep, so memory
+/// follows the number of live pins without a background task.
+const SWEEP_EVERY: usize = 1024;
+
+#[derive(Default)]
+pub struct MemoryStore {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    pins: HashMap<String, (Pin, Instant)>,
+    len_at_last_sweep: usize,
+}
+
+impl Inner {
+    fn live(&mut self, sid: &str) -> Option<&mut (Pin, Instant)> {
+        let now = Instant::now();
+        if self.pins.get(sid).is_some_and(|(_, exp)| *exp <= now) {
+            self.pins.remove(sid);
+        }
+        self.pins.get_mut(sid)
+    }
+
+    fn sweep_if_grown(&mut self) {
+        if self.pins.len() >= self.len_at_last_sweep + SWEEP_EVERY {
+            let now = Instant::now();
+            self.pins.retain(|_, (_, exp)| *exp > now);
+            self.len_at_last_sweep = self.pins.len();
+        }
+    }
+}
+
+impl MemoryStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[async_trait]
+impl SessionStore for MemoryStore {
+    async fn get(&self, sid: &str) -> Result<Option<Pin>, StoreError> {
+        Ok(self.lock().live(sid).map(|(pin, _)| pin.clone()))
+    }
+
+    async fn claim(&self, sid: &str, pin: Pin, ttl: Duration) -> Result<Pin, StoreError> {
+        let mut inner = self.lock();
+        if let Some((existing, _)) = inner.live(sid) {
+            return Ok(existing.clone());
+        }
+        inner.sweep_if_grown();
+        inner.pins.insert(sid.to_owned(), (pin.clone(), Instant::now() + ttl));
+        Ok(pin)
+    }
+
+    async fn replace(&self, sid: &str, pin: Pin, ttl: Duration) -> Result<(), StoreError> {
+        self.lock().pins.insert(sid.to_owned(), (pin, Instant::now() + ttl));
+        Ok(())
+    }
+
+    async fn refresh(&self, sid: &str, ttl: Duration) -> Result<(), StoreError> {
+        if let Some((pin, exp)) = self.lock().live(sid) {
+            pin.updated_at_ms = unix_ms();
+            *exp = Instant::now() + ttl;
+        }
+        Ok(())
+    }
+
+    fn is_up(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pin(backend: &str, owner: &str) -> Pin {
+        Pin { backend: backend.into(), pool: "default".into(), owner: owner.into(), created_at_ms: 1, updated_at_ms: 1 }
+    }
+
+    #[tokio::test]
+    async fn first_claim_wins() {
+        let s = MemoryStore::new();
+        let ttl = Duration::from_secs(60);
+        assert_eq!(s.claim("s1", pin("a", "u"), ttl).await.expect("claim").backend, "a");
+        assert_eq!(s.claim("s1", pin("b", "v"), ttl).await.expect("claim").backend, "a");
+        assert_eq!(s.get("s1").await.expect("get").map(|p| p.owner), Some("u".into()));
+    }
+
+    #[tokio::test]
+    async fn pins_expire_after_ttl() {
+        let s = MemoryStore::new();
+        s.claim("s1", pin("a", "u"), Duration::ZERO).await.expect("claim");
+        assert_eq!(s.get("s1").await.expect("get"), None);
+    }
+}

@@ -1,0 +1,186 @@
+//! Build Pingora's `Server` from the resolved config and run it.
+//!
+//! Services: the public listeners ([`gateway::App`]), the admin listener, and three background
+//! tasks: backend health checks, the readiness announcer (logs `listening` once each socket
+//! accepts), and the drain supervisor (on SIGTERM/upgrade: refuse new sessions, give live ones
+//! `server.drain_seconds`, close the rest with 1001, exit 0 as soon as none is left).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora_core::listeners::tls::TlsSettings;
+use pingora_core::protocols::ALPN;
+use pingora_core::server::configuration::{Opt, ServerConf};
+use pingora_core::server::{Server, ShutdownWatch};
+use pingora_core::services::background::{BackgroundService, background_service};
+use pingora_core::services::listening::Service;
+
+use crate::admission::Admission;
+use crate::auth::Verifier;
+use crate::bridge::CloseCode;
+use crate::config::{Config, StoreKind};
+use crate::gateway::admin::AdminApp;
+use crate::gateway::{App, Gateway};
+use crate::metrics::Metrics;
+use crate::routing::{Health, MemoryStore, Router, SessionStore};
+
+const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+/// After the drain deadline, how long closing handshakes may take before the process exits.
+const CLOSE_GRACE: Duration = Duration::from_secs(6);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Keys(#[from] crate::auth::verify::KeyError),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("listeners[{index}].tls: {message}")]
+    Tls { index: usize, message: String },
+    #[error("store.kind: redis is not supported by this build yet; use memory")]
+    StoreUnsupported,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    pub upgrade: bool,
+    pub daemon: bool,
+}
+
+/// Everything the process shares, built from the config.
+pub fn build_gateway(config: Config) -> Result<Arc<Gateway>, StartError> {
+    let metrics = Arc::new(Metrics::new(&config)?);
+    let verifier = Verifier::new(&config.auth)?;
+    let store: Arc<dyn SessionStore> = match &config.store.kind {
+        StoreKind::Memory => Arc::new(MemoryStore::new()),
+        StoreKind::Redis { .. } => return Err(StartError::StoreUnsupported),
+    };
+    let health = Arc::new(Health::new(&config, &metrics));
+    let limits = &config.limits;
+    let admission = Admission::new(limits.max_sessions, limits.max_sessions_per_user, limits.auth_failures_per_minute);
+    let router = Router::new(store, health, config.store.session_idle_ttl);
+    Ok(Arc::new(Gateway {
+        config: Arc::new(config),
+        verifier,
+        admission,
+        router,
+        sessions: crate::sessions::Registry::new(),
+        metrics,
+    }))
+}
+
+/// Run until shut down. Returns only on a start-up error; otherwise Pingora exits the process.
+pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
+    if config.auth.allowed_origins.is_empty() {
+        tracing::warn!(event = "config_warning", key = "auth.allowed_origins",
+            "auth.allowed_origins is empty: any web page may open sessions with a user's token");
+    }
+    let gw = build_gateway(config)?;
+    let config = Arc::clone(&gw.config);
+
+    let conf = ServerConf {
+        threads: config.server.threads,
+        pid_file: config.server.pid_file.display().to_string(),
+        upgrade_sock: config.server.upgrade_sock.display().to_string(),
+        daemon: opts.daemon,
+        // Pingora sleeps this long after the shutdown flag flips; the drain supervisor exits
+        // earlier as soon as the sessions are gone, so this is only the outer bound.
+        grace_period_seconds: Some(config.server.drain.as_secs() + CLOSE_GRACE.as_secs() + 1),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..ServerConf::default()
+    };
+    let opt = Opt { upgrade: opts.upgrade, daemon: opts.daemon, ..Opt::default() };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+
+    let mut public = Service::new("vncgate".to_owned(), App(Arc::clone(&gw)));
+    for (index, listener) in config.listeners.iter().enumerate() {
+        let addr = listener.addr.to_string();
+        match &listener.tls {
+            None => public.add_tcp(&addr),
+            Some(tls) => {
+                let cert = tls.cert.display().to_string();
+                let key = tls.key.display().to_string();
+                let mut settings = TlsSettings::intermediate(&cert, &key)
+                    .map_err(|e| StartError::Tls { index, message: e.to_string() })?;
+                // HTTP/1.1 only: WebSocket over HTTP/2 (RFC 8441) is not what noVNC speaks.
+                settings.set_alpn(ALPN::H1);
+                public.add_tls_with_settings(&addr, None, settings);
+            }
+        }
+    }
+    server.add_service(public);
+
+    let mut announce: Vec<(&'static str, SocketAddr)> =
+        config.listeners.iter().map(|l| (if l.tls.is_some() { "wss" } else { "ws" }, l.addr)).collect();
+    if let Some(admin) = &config.admin {
+        let mut service = Service::new("vncgate-admin".to_owned(), AdminApp(Arc::clone(&gw)));
+        service.add_tcp(&admin.addr.to_string());
+        server.add_service(service);
+        announce.push(("admin", admin.addr));
+    }
+
+    server.add_service(background_service("health-checks", HealthChecks(Arc::clone(&gw))));
+    server.add_service(background_service("readiness", Announcer(announce)));
+    server.add_service(background_service("drain", Drain(Arc::clone(&gw))));
+    server.run_forever();
+}
+
+struct HealthChecks(Arc<Gateway>);
+
+#[async_trait]
+impl BackgroundService for HealthChecks {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let health = Arc::clone(self.0.router.health());
+        tokio::select! {
+            _ = health.run_checks(HEALTH_CHECK_INTERVAL) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
+/// Logs `listening` for each address once it accepts TCP connections. Pingora binds inside its
+/// own service runtimes and has no "bound" callback, so readiness is observed from outside.
+struct Announcer(Vec<(&'static str, SocketAddr)>);
+
+#[async_trait]
+impl BackgroundService for Announcer {
+    async fn start(&self, _shutdown: ShutdownWatch) {
+        for (kind, addr) in &self.0 {
+            let mut delay = Duration::from_millis(5);
+            loop {
+                if tokio::net::TcpStream::connect(addr).await.is_ok() {
+                    tracing::info!(event = "listening", addr = %addr, kind = *kind, "listening on {kind} {addr}");
+                    break;
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_millis(200));
+            }
+        }
+    }
+}
+
+struct Drain(Arc<Gateway>);
+
+#[async_trait]
+impl BackgroundService for Drain {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let gw = &self.0;
+        if shutdown.wait_for(|down| *down).await.is_err() {
+            return;
+        }
+        gw.admission.set_draining();
+        let live = gw.sessions.len();
+        let drain = gw.config.server.drain;
+        tracing::info!(event = "draining", sessions = live, drain_seconds = drain.as_secs(),
+            "shutting down: {live} live sessions get up to {}s", drain.as_secs());
+        if tokio::time::timeout(drain, gw.sessions.wait_empty()).await.is_err() {
+            let closed = gw.sessions.close_all(CloseCode::GoingAway);
+            tracing::info!(event = "draining", sessions = closed, "drain deadline reached: closing with 1001");
+            let _ = tokio::time::timeout(CLOSE_GRACE, gw.sessions.wait_empty()).await;
+        }
+        tracing::info!(event = "shutdown_complete", "all sessions closed; exiting");
+        std::process::exit(0);
+    }
+}

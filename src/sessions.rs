@@ -1,0 +1,174 @@
+//! The registry of live sessions: their ids (for `/admin/sessions` and logs) and a control
+//! handle each, so drain, kick, revocation and expiry all reach a session the same way: one
+//! watch channel per session carrying the close code to end it with.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::watch;
+
+use crate::bridge::CloseCode;
+
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    pub conn_id: u64,
+    pub session_id: String,
+    pub user_id: String,
+    pub pool: String,
+    pub backend: String,
+    pub jti: Option<String>,
+    pub client_addr: Option<SocketAddr>,
+    pub started: Instant,
+}
+
+struct Entry {
+    info: SessionInfo,
+    control: watch::Sender<Option<CloseCode>>,
+}
+
+pub struct Registry {
+    entries: Mutex<HashMap<u64, Entry>>,
+    next_conn_id: AtomicU64,
+    count: watch::Sender<usize>,
+}
+
+/// Removes the session from the registry when the session task ends, however it ends.
+pub struct Registration {
+    registry: Arc<Registry>,
+    conn_id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut entries = self.registry.lock();
+        entries.remove(&self.conn_id);
+        let n = entries.len();
+        drop(entries);
+        self.registry.count.send_replace(n);
+    }
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry {
+            entries: Mutex::new(HashMap::new()),
+            next_conn_id: AtomicU64::new(1),
+            count: watch::Sender::new(0),
+        }
+    }
+}
+
+impl Registry {
+    pub fn new() -> Arc<Registry> {
+        Arc::new(Registry::default())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A process-unique connection id for logs, taken when the request arrives.
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_conn_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn register(self: &Arc<Self>, info: SessionInfo) -> (Registration, watch::Receiver<Option<CloseCode>>) {
+        let (tx, rx) = watch::channel(None);
+        let conn_id = info.conn_id;
+        let mut entries = self.lock();
+        entries.insert(conn_id, Entry { info, control: tx });
+        let n = entries.len();
+        drop(entries);
+        self.count.send_replace(n);
+        (Registration { registry: Arc::clone(self), conn_id }, rx)
+    }
+
+    /// Ask every session matching `pred` to close with `code`; returns how many were asked.
+    pub fn close_where(&self, code: CloseCode, pred: impl Fn(&SessionInfo) -> bool) -> usize {
+        let entries = self.lock();
+        let mut n = 0;
+        for entry in entries.values().filter(|e| pred(&e.info)) {
+            // Only the first reason sticks: a session already closing keeps its code.
+            entry.control.send_if_modified(|current| {
+                if current.is_none() {
+                    *current = Some(code);
+                    true
+                } else {
+                    false
+                }
+            });
+            n += 1;
+        }
+        n
+    }
+
+    pub fn close_all(&self, code: CloseCode) -> usize {
+        self.close_where(code, |_| true)
+    }
+
+    pub fn len(&self) -> usize {
+        *self.count.borrow()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn list(&self) -> Vec<SessionInfo> {
+        self.lock().values().map(|e| e.info.clone()).collect()
+    }
+
+    /// Resolves once no session is live.
+    pub async fn wait_empty(&self) {
+        let mut rx = self.count.subscribe();
+        let _ = rx.wait_for(|n| *n == 0).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(conn_id: u64, user: &str) -> SessionInfo {
+        SessionInfo {
+            conn_id,
+            session_id: format!("s{conn_id}"),
+            user_id: user.into(),
+            pool: "default".into(),
+            backend: "a".into(),
+            jti: None,
+            client_addr: None,
+            started: Instant::now(),
+        }
+    }
+
+    #[tokio::test]
+    async fn close_reaches_matching_sessions_and_first_code_sticks() {
+        let r = Registry::new();
+        let (_g1, rx1) = r.register(info(1, "alice"));
+        let (_g2, rx2) = r.register(info(2, "bob"));
+        assert_eq!(r.close_where(CloseCode::Kicked, |s| s.user_id == "alice"), 1);
+        assert_eq!(*rx1.borrow(), Some(CloseCode::Kicked));
+        assert_eq!(*rx2.borrow(), None);
+        r.close_all(CloseCode::GoingAway);
+        assert_eq!(*rx1.borrow(), Some(CloseCode::Kicked));
+        assert_eq!(*rx2.borrow(), Some(CloseCode::GoingAway));
+    }
+
+    #[tokio::test]
+    async fn wait_empty_resolves_when_last_session_ends() {
+        let r = Registry::new();
+        let (g, _rx) = r.register(info(1, "alice"));
+        assert_eq!(r.len(), 1);
+        let waiter = tokio::spawn({
+            let r = Arc::clone(&r);
+            async move { r.wait_empty().await }
+        });
+        drop(g);
+        waiter.await.expect("waiter");
+        assert!(r.is_empty());
+    }
+}

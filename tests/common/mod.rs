@@ -1,0 +1,263 @@
+//! Test harness: the real `vncgate` binary as a child process, configured per test, with its
+//! JSON log lines captured so tests await events (`listening`, `session_ended`) instead of
+//! sleeping. Fixtures: an in-process RFB server, an RFB-over-WebSocket client, a real Xvnc.
+#![allow(dead_code)]
+
+pub mod rfb_client;
+pub mod rfb_server;
+pub mod xvnc;
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::Notify;
+
+pub const SECRET: &str = "test-secret-0123456789-0123456789-abcdef";
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+/// A guard against a hung test, not a timing assertion: every awaited event normally arrives in
+/// milliseconds.
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A free TCP port on loopback (bound and released; the gateway binds it right after).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// One backend in the generated config.
+pub struct BackendSpec {
+    pub name: String,
+    pub addr: String,
+    pub websocket_path: Option<String>,
+}
+
+impl BackendSpec {
+    pub fn rfb(name: &str, addr: impl ToString) -> Self {
+        BackendSpec { name: name.into(), addr: addr.to_string(), websocket_path: None }
+    }
+}
+
+/// The knobs tests turn; everything else is a sensible default.
+pub struct GatewayConfig {
+    pub backends: Vec<BackendSpec>,
+    pub tls: Option<(PathBuf, PathBuf)>,
+    pub web_root: Option<PathBuf>,
+    /// Extra YAML appended verbatim (e.g. a `limits:` section).
+    pub extra: String,
+    pub drain_seconds: u64,
+}
+
+impl GatewayConfig {
+    pub fn new(backends: Vec<BackendSpec>) -> Self {
+        GatewayConfig { backends, tls: None, web_root: None, extra: String::new(), drain_seconds: 5 }
+    }
+}
+
+pub struct Gateway {
+    child: Child,
+    pub port: u16,
+    pub admin_port: u16,
+    pub dir: tempfile::TempDir,
+    logs: Arc<Mutex<Vec<Value>>>,
+    raw_logs: Arc<Mutex<Vec<String>>>,
+    logged: Arc<Notify>,
+}
+
+impl Gateway {
+    pub async fn start(cfg: GatewayConfig) -> Gateway {
+        let port = free_port();
+        let admin_port = free_port();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut backends = String::new();
+        for b in &cfg.backends {
+            match &b.websocket_path {
+                None => backends.push_str(&format!("      - {{ name: {}, addr: \"{}\" }}\n", b.name, b.addr)),
+                Some(p) => backends.push_str(&format!(
+                    "      - {{ name: {}, addr: \"{}\", protocol: websocket, path: \"{}\" }}\n",
+                    b.name, b.addr, p
+                )),
+            }
+        }
+        let listener = match &cfg.tls {
+            None => format!("  - addr: \"127.0.0.1:{port}\"\n"),
+            Some((cert, key)) => format!(
+                "  - addr: \"127.0.0.1:{port}\"\n    tls: {{ cert: \"{}\", key: \"{}\" }}\n",
+                cert.display(),
+                key.display()
+            ),
+        };
+        let web_root = cfg.web_root.as_ref().map(|p| format!("\"{}\"", p.display())).unwrap_or("null".into());
+        let yaml = format!(
+            "server:\n  threads: 2\n  drain_seconds: {drain}\n  pid_file: \"{d}/vncgate.pid\"\n  upgrade_sock: \"{d}/upgrade.sock\"\n\
+             listeners:\n{listener}\
+             paths: [\"/websockify\"]\n\
+             web_root: {web_root}\n\
+             admin:\n  addr: \"127.0.0.1:{admin_port}\"\n  token_env: VNCGATE_ADMIN_TOKEN\n\
+             auth:\n  algorithms: [HS256]\n  secret_env: VNCGATE_JWT_SECRET\n\
+             pools:\n  default:\n    backends:\n{backends}\
+             logging:\n  format: json\n  level: debug\n{extra}",
+            drain = cfg.drain_seconds,
+            d = dir.path().display(),
+            extra = cfg.extra,
+        );
+        let config_path = dir.path().join("vncgate.yaml");
+        std::fs::write(&config_path, yaml).expect("write config");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_vncgate"))
+            .args(["run", "--config"])
+            .arg(&config_path)
+            .env("VNCGATE_JWT_SECRET", SECRET)
+            .env("VNCGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env_remove("VNCGATE_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn vncgate");
+        let stderr = child.stderr.take().expect("stderr");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let raw_logs = Arc::new(Mutex::new(Vec::new()));
+        let logged = Arc::new(Notify::new());
+        {
+            let (logs, raw_logs, logged) = (logs.clone(), raw_logs.clone(), logged.clone());
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stderr).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if std::env::var_os("VNCGATE_TEST_ECHO").is_some() {
+                        eprintln!("[gateway] {line}");
+                    }
+                    if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                        logs.lock().expect("logs").push(v);
+                    }
+                    raw_logs.lock().expect("raw logs").push(line);
+                    logged.notify_waiters();
+                }
+                logged.notify_waiters();
+            });
+        }
+        let gw = Gateway { child, port, admin_port, dir, logs, raw_logs, logged };
+        gw.wait_log(|v| v["event"] == "listening" && v["addr"] == format!("127.0.0.1:{port}")).await;
+        gw.wait_log(|v| v["event"] == "listening" && v["addr"] == format!("127.0.0.1:{admin_port}")).await;
+        gw
+    }
+
+    /// The first log line matching `pred`, waiting for it if it has not been written yet.
+    pub async fn wait_log(&self, pred: impl Fn(&Value) -> bool) -> Value {
+        self.wait_logs(1, pred).await.remove(0)
+    }
+
+    /// Wait until at least `n` log lines match `pred`; returns them all.
+    pub async fn wait_logs(&self, n: usize, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let wait = async {
+            loop {
+                let notified = self.logged.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                let found: Vec<Value> = self.logs.lock().expect("logs").iter().filter(|v| pred(v)).cloned().collect();
+                if found.len() >= n {
+                    return found;
+                }
+                notified.await;
+            }
+        };
+        match tokio::time::timeout(EVENT_TIMEOUT, wait).await {
+            Ok(v) => v,
+            Err(_) => panic!("log event did not arrive; logs:\n{}", self.raw_logs().join("\n")),
+        }
+    }
+
+    pub fn logs(&self) -> Vec<Value> {
+        self.logs.lock().expect("logs").clone()
+    }
+
+    pub fn raw_logs(&self) -> Vec<String> {
+        self.raw_logs.lock().expect("raw logs").clone()
+    }
+
+    pub fn ws_url(&self, query: &str) -> String {
+        format!("ws://127.0.0.1:{}/websockify{query}", self.port)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id().expect("running") as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe {
+            libc::kill(self.pid(), sig);
+        }
+    }
+
+    pub async fn wait_exit(&mut self) -> std::process::ExitStatus {
+        tokio::time::timeout(EVENT_TIMEOUT, self.child.wait())
+            .await
+            .expect("gateway did not exit")
+            .expect("wait")
+    }
+
+    /// GET on the admin listener: (status, body).
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        http_get(self.admin_port, path, &[]).await
+    }
+
+    /// One Prometheus sample value, e.g. `metric("vncgate_upgrades_total{result=\"ok\"}")`.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let (_, body) = self.admin_get("/metrics").await;
+        body.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("series {series} not in /metrics:\n{body}"))
+    }
+}
+
+/// A minimal HTTP/1.1 GET over a fresh connection: (status, body).
+pub async fn http_get(port: u16, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.expect("read");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status line");
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+/// An HS256 token for the test secret.
+pub fn token(sub: &str, sid: Option<&str>) -> String {
+    let req = vncgate::auth::mint::TokenRequest {
+        sub: sub.into(),
+        sid: sid.map(Into::into),
+        ttl: Duration::from_secs(600),
+        ..Default::default()
+    };
+    vncgate::auth::mint::mint_hs256(SECRET.as_bytes(), &req).expect("mint")
+}
+
+/// Sign arbitrary claims (for refusal cases).
+pub fn token_with_claims(claims: &Value) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("encode")
+}
+
+pub fn now() -> u64 {
+    vncgate::auth::mint::now_unix()
+}
