@@ -48,7 +48,11 @@ pub struct Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        let mut map = self.admission.per_user.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = self
+            .admission
+            .per_user
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if let Some(n) = map.get_mut(&self.user) {
             *n -= 1;
             if *n == 0 {
@@ -59,7 +63,11 @@ impl Drop for Ticket {
 }
 
 impl Admission {
-    pub fn new(max_sessions: usize, max_per_user: usize, failures_per_minute: u32) -> Arc<Admission> {
+    pub fn new(
+        max_sessions: usize,
+        max_per_user: usize,
+        failures_per_minute: u32,
+    ) -> Arc<Admission> {
         Arc::new(Admission {
             sessions: Arc::new(Semaphore::new(max_sessions)),
             max_per_user,
@@ -93,7 +101,11 @@ impl Admission {
         }
         *n += 1;
         drop(map);
-        Ok(Ticket { _permit: permit, user: user.to_owned(), admission: Arc::clone(self) })
+        Ok(Ticket {
+            _permit: permit,
+            user: user.to_owned(),
+            admission: Arc::clone(self),
+        })
     }
 
     /// Refuse an address that already failed authentication too often in the current window.
@@ -135,7 +147,10 @@ mod tests {
     fn global_then_per_user_limits_and_release() {
         let a = Admission::new(2, 1, 60);
         let t1 = a.admit("alice").expect("first");
-        assert_eq!(a.admit("alice").err(), Some(AdmissionError::TooManySessions));
+        assert_eq!(
+            a.admit("alice").err(),
+            Some(AdmissionError::TooManySessions)
+        );
         let _t2 = a.admit("bob").expect("second user");
         assert_eq!(a.admit("carol").err(), Some(AdmissionError::OverCapacity));
         drop(t1);
@@ -150,7 +165,10 @@ mod tests {
             assert!(a.check_auth_throttle(ip).is_ok());
             a.record_auth_failure(ip);
         }
-        assert_eq!(a.check_auth_throttle(ip), Err(AdmissionError::TooManyAuthFailures));
+        assert_eq!(
+            a.check_auth_throttle(ip),
+            Err(AdmissionError::TooManyAuthFailures)
+        );
         let other: IpAddr = "192.0.2.2".parse().expect("ip");
         assert!(a.check_auth_throttle(other).is_ok());
     }

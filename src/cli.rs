@@ -15,7 +15,11 @@ pub const EXIT_RUNTIME: i32 = 1;
 pub const EXIT_USAGE: i32 = 2;
 
 #[derive(Parser, Debug)]
-#[command(name = "vncgate", version, about = "Edge proxy for VNC farms: noVNC over wss:// with a JWT")]
+#[command(
+    name = "vncgate",
+    version,
+    about = "Edge proxy for VNC farms: noVNC over wss:// with a JWT"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -71,7 +75,11 @@ pub fn main() -> i32 {
         }
     };
     match cli.command {
-        Command::Run { config, upgrade, daemon } => {
+        Command::Run {
+            config,
+            upgrade,
+            daemon,
+        } => {
             let config = match load(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
@@ -95,12 +103,29 @@ pub fn main() -> i32 {
             },
             Err(code) => code,
         },
-        Command::Token { config, sub, sid, ttl, pool, backend, view_only, jti } => {
+        Command::Token {
+            config,
+            sub,
+            sid,
+            ttl,
+            pool,
+            backend,
+            view_only,
+            jti,
+        } => {
             let config = match load(&config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            let request = TokenRequest { sub, sid, ttl, pool, backend, view_only, jti };
+            let request = TokenRequest {
+                sub,
+                sid,
+                ttl,
+                pool,
+                backend,
+                view_only,
+                jti,
+            };
             match token(&config, &request) {
                 Ok(t) => {
                     println!("{t}");
@@ -127,14 +152,25 @@ fn load(path: &std::path::Path) -> Result<Config, i32> {
 /// Mint a token the configured gateway will accept, refusing requests it would refuse anyway.
 pub fn token(config: &Config, req: &TokenRequest) -> Result<String, String> {
     if !config.auth.algorithms.contains(&Algorithm::HS256) {
-        return Err("auth.algorithms: HS256 is not allowed, so vncgate cannot mint a token for this config".into());
+        return Err(
+            "auth.algorithms: HS256 is not allowed, so vncgate cannot mint a token for this config"
+                .into(),
+        );
     }
-    let secret = config.auth.secret.as_ref().ok_or("auth.secret_env: no secret configured")?;
+    let secret = config
+        .auth
+        .secret
+        .as_ref()
+        .ok_or("auth.secret_env: no secret configured")?;
     let pool_name = req.pool.as_deref().unwrap_or("default");
-    let pool = config.pool(pool_name).ok_or_else(|| format!("--pool: no pool named {pool_name:?}"))?;
+    let pool = config
+        .pool(pool_name)
+        .ok_or_else(|| format!("--pool: no pool named {pool_name:?}"))?;
     if let Some(b) = &req.backend {
         if !pool.backends.iter().any(|x| &x.name == b) {
-            return Err(format!("--backend: pool {pool_name:?} has no backend named {b:?}"));
+            return Err(format!(
+                "--backend: pool {pool_name:?} has no backend named {b:?}"
+            ));
         }
     }
     if let Some(sid) = &req.sid {

@@ -41,25 +41,36 @@ pub fn run(args: DemoArgs) -> i32 {
                 addr
             }
             Err(why) => {
-                eprintln!("note: {why}; using 127.0.0.1:5901 (start a VNC server there, or pass --backend HOST:PORT)");
+                eprintln!(
+                    "note: {why}; using 127.0.0.1:5901 (start a VNC server there, or pass --backend HOST:PORT)"
+                );
                 "127.0.0.1:5901".to_owned()
             }
         },
     };
-    let web_root = args.web_root.clone().or_else(|| Some(PathBuf::from("web")).filter(|p| p.is_dir()));
+    let web_root = args
+        .web_root
+        .clone()
+        .or_else(|| Some(PathBuf::from("web")).filter(|p| p.is_dir()));
     let mut secret = [0u8; 32];
     rand::rng().fill_bytes(&mut secret);
     let secret: String = secret.iter().map(|b| format!("{b:02x}")).collect();
 
     let yaml = demo_yaml(&args.listen, &backend, web_root.as_deref());
-    let config = match Config::from_yaml(&yaml, &|name| (name == SECRET_ENV).then(|| secret.clone())) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("{e}");
-            return EXIT_USAGE;
-        }
+    let config =
+        match Config::from_yaml(&yaml, &|name| (name == SECRET_ENV).then(|| secret.clone())) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("{e}");
+                return EXIT_USAGE;
+            }
+        };
+    let request = TokenRequest {
+        sub: "demo".into(),
+        sid: Some("demo".into()),
+        ttl: Duration::from_secs(12 * 3600),
+        ..Default::default()
     };
-    let request = TokenRequest { sub: "demo".into(), sid: Some("demo".into()), ttl: Duration::from_secs(12 * 3600), ..Default::default() };
     let token = match mint_hs256(secret.as_bytes(), &request) {
         Ok(t) => t,
         Err(e) => {
@@ -134,7 +145,11 @@ fn spawn_tied(cmd: &mut Command) -> std::io::Result<Kid> {
             Ok(())
         });
     }
-    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().map(Kid)
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map(Kid)
 }
 
 fn which(program: &str) -> Option<PathBuf> {
@@ -147,9 +162,13 @@ fn which(program: &str) -> Option<PathBuf> {
 
 /// Start `Xvnc` on a free display and port; returns its address and the processes to keep.
 fn start_desktop() -> Result<(String, Vec<Kid>), String> {
-    let xvnc = which("Xvnc").ok_or("Xvnc not installed (apt-get install tigervnc-standalone-server)")?;
+    let xvnc =
+        which("Xvnc").ok_or("Xvnc not installed (apt-get install tigervnc-standalone-server)")?;
     let display = (40..100)
-        .find(|n| !Path::new(&format!("/tmp/.X11-unix/X{n}")).exists() && !Path::new(&format!("/tmp/.X{n}-lock")).exists())
+        .find(|n| {
+            !Path::new(&format!("/tmp/.X11-unix/X{n}")).exists()
+                && !Path::new(&format!("/tmp/.X{n}-lock")).exists()
+        })
         .ok_or("no free X display number")?;
     let port = TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -157,11 +176,22 @@ fn start_desktop() -> Result<(String, Vec<Kid>), String> {
         .port();
     let server = spawn_tied(Command::new(xvnc).args([
         &format!(":{display}"),
-        "-geometry", "1280x800", "-depth", "24",
-        "-rfbport", &port.to_string(),
-        "-interface", "127.0.0.1", "-localhost", "-nolisten", "tcp",
-        "-SecurityTypes", "None", "-AlwaysShared",
-        "-desktop", "vncgate-demo",
+        "-geometry",
+        "1280x800",
+        "-depth",
+        "24",
+        "-rfbport",
+        &port.to_string(),
+        "-interface",
+        "127.0.0.1",
+        "-localhost",
+        "-nolisten",
+        "tcp",
+        "-SecurityTypes",
+        "None",
+        "-AlwaysShared",
+        "-desktop",
+        "vncgate-demo",
     ]))
     .map_err(|e| format!("starting Xvnc: {e}"))?;
     let addr = format!("127.0.0.1:{port}");
@@ -175,10 +205,17 @@ fn start_desktop() -> Result<(String, Vec<Kid>), String> {
     let mut kids = vec![server];
     let disp = format!(":{display}");
     if let Some(xsetroot) = which("xsetroot") {
-        let _ = Command::new(xsetroot).args(["-solid", "#2d5f8b"]).env("DISPLAY", &disp).status();
+        let _ = Command::new(xsetroot)
+            .args(["-solid", "#2d5f8b"])
+            .env("DISPLAY", &disp)
+            .status();
     }
     if let Some(xterm) = which("xterm") {
-        if let Ok(k) = spawn_tied(Command::new(xterm).args(["-geometry", "100x30+40+40"]).env("DISPLAY", &disp)) {
+        if let Ok(k) = spawn_tied(
+            Command::new(xterm)
+                .args(["-geometry", "100x30+40+40"])
+                .env("DISPLAY", &disp),
+        ) {
             kids.push(k);
         }
     }

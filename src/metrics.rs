@@ -69,7 +69,10 @@ impl Metrics {
                 &["version"],
             )?,
             upgrades_total: IntCounterVec::new(
-                Opts::new("vncgate_upgrades_total", "WebSocket upgrade attempts by result."),
+                Opts::new(
+                    "vncgate_upgrades_total",
+                    "WebSocket upgrade attempts by result.",
+                ),
                 &["result"],
             )?,
             upgrade_duration: Histogram::with_opts(hist(
@@ -82,11 +85,18 @@ impl Metrics {
                 &["pool"],
             )?,
             session_duration: HistogramVec::new(
-                hist("vncgate_session_duration_seconds", "Duration of ended sessions.", SESSION_BUCKETS),
+                hist(
+                    "vncgate_session_duration_seconds",
+                    "Duration of ended sessions.",
+                    SESSION_BUCKETS,
+                ),
                 &["pool"],
             )?,
             disconnects_total: IntCounterVec::new(
-                Opts::new("vncgate_disconnects_total", "Ended sessions by WebSocket close code."),
+                Opts::new(
+                    "vncgate_disconnects_total",
+                    "Ended sessions by WebSocket close code.",
+                ),
                 &["code"],
             )?,
             relay_bytes_total: IntCounterVec::new(
@@ -101,7 +111,10 @@ impl Metrics {
                 &["direction"],
             )?,
             backend_up: IntGaugeVec::new(
-                Opts::new("vncgate_backend_up", "1 when the backend passes its health check."),
+                Opts::new(
+                    "vncgate_backend_up",
+                    "1 when the backend passes its health check.",
+                ),
                 &["pool", "backend"],
             )?,
             backend_sessions: IntGaugeVec::new(
@@ -118,15 +131,25 @@ impl Metrics {
             )?,
             store_up: IntGauge::new("vncgate_store_up", "1 when the session store is reachable.")?,
             store_errors_total: IntCounterVec::new(
-                Opts::new("vncgate_store_errors_total", "Failed session store operations."),
+                Opts::new(
+                    "vncgate_store_errors_total",
+                    "Failed session store operations.",
+                ),
                 &["op"],
             )?,
             store_op_duration: HistogramVec::new(
-                hist("vncgate_store_op_duration_seconds", "Session store operation latency.", STORE_BUCKETS),
+                hist(
+                    "vncgate_store_op_duration_seconds",
+                    "Session store operation latency.",
+                    STORE_BUCKETS,
+                ),
                 &["op"],
             )?,
             auth_failures_total: IntCounterVec::new(
-                Opts::new("vncgate_auth_failures_total", "Refused upgrades by auth reason."),
+                Opts::new(
+                    "vncgate_auth_failures_total",
+                    "Refused upgrades by auth reason.",
+                ),
                 &["reason"],
             )?,
             relay_buffered_bytes: IntGauge::new(
@@ -164,7 +187,9 @@ impl Metrics {
     }
 
     fn touch_series(&self, config: &Config) {
-        self.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1.0);
+        self.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1.0);
         self.upgrades_total.with_label_values(&["ok"]);
         for code in ErrorCode::ALL {
             self.upgrades_total.with_label_values(&[code.as_str()]);
@@ -173,19 +198,24 @@ impl Metrics {
             }
         }
         for code in CloseCode::ALL {
-            self.disconnects_total.with_label_values(&[&code.as_u16().to_string()]);
+            self.disconnects_total
+                .with_label_values(&[&code.as_u16().to_string()]);
         }
         for dir in DIRECTIONS {
             self.relay_bytes_total.with_label_values(&[dir]);
-            self.backpressure_wait_seconds_total.with_label_values(&[dir]);
+            self.backpressure_wait_seconds_total
+                .with_label_values(&[dir]);
         }
         for (pool_name, pool) in &config.pools {
             self.sessions_active.with_label_values(&[pool_name]);
             self.session_duration.with_label_values(&[pool_name]);
-            self.backend_connect_duration.with_label_values(&[pool_name]);
+            self.backend_connect_duration
+                .with_label_values(&[pool_name]);
             for backend in &pool.backends {
-                self.backend_up.with_label_values(&[pool_name, &backend.name]);
-                self.backend_sessions.with_label_values(&[pool_name, &backend.name]);
+                self.backend_up
+                    .with_label_values(&[pool_name, &backend.name]);
+                self.backend_sessions
+                    .with_label_values(&[pool_name, &backend.name]);
             }
         }
         for op in STORE_OPS {

@@ -26,7 +26,6 @@ use crate::gateway::{App, Gateway};
 use crate::metrics::Metrics;
 use crate::routing::{Health, MemoryStore, Router, SessionStore};
 
-const HEALTH_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 /// After the drain deadline, how long closing handshakes may take before the process exits.
 const CLOSE_GRACE: Duration = Duration::from_secs(6);
 
@@ -58,7 +57,11 @@ pub fn build_gateway(config: Config) -> Result<Arc<Gateway>, StartError> {
     };
     let health = Arc::new(Health::new(&config, &metrics));
     let limits = &config.limits;
-    let admission = Admission::new(limits.max_sessions, limits.max_sessions_per_user, limits.auth_failures_per_minute);
+    let admission = Admission::new(
+        limits.max_sessions,
+        limits.max_sessions_per_user,
+        limits.auth_failures_per_minute,
+    );
     let router = Router::new(store, health, config.store.session_idle_ttl);
     Ok(Arc::new(Gateway {
         config: Arc::new(config),
@@ -73,8 +76,11 @@ pub fn build_gateway(config: Config) -> Result<Arc<Gateway>, StartError> {
 /// Run until shut down. Returns only on a start-up error; otherwise Pingora exits the process.
 pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     if config.auth.allowed_origins.is_empty() {
-        tracing::warn!(event = "config_warning", key = "auth.allowed_origins",
-            "auth.allowed_origins is empty: any web page may open sessions with a user's token");
+        tracing::warn!(
+            event = "config_warning",
+            key = "auth.allowed_origins",
+            "auth.allowed_origins is empty: any web page may open sessions with a user's token"
+        );
     }
     let gw = build_gateway(config)?;
     let config = Arc::clone(&gw.config);
@@ -90,7 +96,11 @@ pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
     };
-    let opt = Opt { upgrade: opts.upgrade, daemon: opts.daemon, ..Opt::default() };
+    let opt = Opt {
+        upgrade: opts.upgrade,
+        daemon: opts.daemon,
+        ..Opt::default()
+    };
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
@@ -102,8 +112,11 @@ pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
             Some(tls) => {
                 let cert = tls.cert.display().to_string();
                 let key = tls.key.display().to_string();
-                let mut settings = TlsSettings::intermediate(&cert, &key)
-                    .map_err(|e| StartError::Tls { index, message: e.to_string() })?;
+                let mut settings =
+                    TlsSettings::intermediate(&cert, &key).map_err(|e| StartError::Tls {
+                        index,
+                        message: e.to_string(),
+                    })?;
                 // HTTP/1.1 only: WebSocket over HTTP/2 (RFC 8441) is not what noVNC speaks.
                 settings.set_alpn(ALPN::H1);
                 public.add_tls_with_settings(&addr, None, settings);
@@ -112,8 +125,11 @@ pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     }
     server.add_service(public);
 
-    let mut announce: Vec<(&'static str, SocketAddr)> =
-        config.listeners.iter().map(|l| (if l.tls.is_some() { "wss" } else { "ws" }, l.addr)).collect();
+    let mut announce: Vec<(&'static str, SocketAddr)> = config
+        .listeners
+        .iter()
+        .map(|l| (if l.tls.is_some() { "wss" } else { "ws" }, l.addr))
+        .collect();
     if let Some(admin) = &config.admin {
         let mut service = Service::new("vncgate-admin".to_owned(), AdminApp(Arc::clone(&gw)));
         service.add_tcp(&admin.addr.to_string());
@@ -121,7 +137,10 @@ pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         announce.push(("admin", admin.addr));
     }
 
-    server.add_service(background_service("health-checks", HealthChecks(Arc::clone(&gw))));
+    server.add_service(background_service(
+        "health-checks",
+        HealthChecks(Arc::clone(&gw)),
+    ));
     server.add_service(background_service("readiness", Announcer(announce)));
     server.add_service(background_service("drain", Drain(Arc::clone(&gw))));
     server.run_forever();
@@ -134,7 +153,7 @@ impl BackgroundService for HealthChecks {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let health = Arc::clone(self.0.router.health());
         tokio::select! {
-            _ = health.run_checks(HEALTH_CHECK_INTERVAL) => {}
+            _ = health.run_checks() => {}
             _ = shutdown.changed() => {}
         }
     }
@@ -173,11 +192,23 @@ impl BackgroundService for Drain {
         gw.admission.set_draining();
         let live = gw.sessions.len();
         let drain = gw.config.server.drain;
-        tracing::info!(event = "draining", sessions = live, drain_seconds = drain.as_secs(),
-            "shutting down: {live} live sessions get up to {}s", drain.as_secs());
-        if tokio::time::timeout(drain, gw.sessions.wait_empty()).await.is_err() {
+        tracing::info!(
+            event = "draining",
+            sessions = live,
+            drain_seconds = drain.as_secs(),
+            "shutting down: {live} live sessions get up to {}s",
+            drain.as_secs()
+        );
+        if tokio::time::timeout(drain, gw.sessions.wait_empty())
+            .await
+            .is_err()
+        {
             let closed = gw.sessions.close_all(CloseCode::GoingAway);
-            tracing::info!(event = "draining", sessions = closed, "drain deadline reached: closing with 1001");
+            tracing::info!(
+                event = "draining",
+                sessions = closed,
+                "drain deadline reached: closing with 1001"
+            );
             let _ = tokio::time::timeout(CLOSE_GRACE, gw.sessions.wait_empty()).await;
         }
         tracing::info!(event = "shutdown_complete", "all sessions closed; exiting");

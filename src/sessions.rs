@@ -75,7 +75,10 @@ impl Registry {
         self.next_conn_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    pub fn register(self: &Arc<Self>, info: SessionInfo) -> (Registration, watch::Receiver<Option<CloseCode>>) {
+    pub fn register(
+        self: &Arc<Self>,
+        info: SessionInfo,
+    ) -> (Registration, watch::Receiver<Option<CloseCode>>) {
         let (tx, rx) = watch::channel(None);
         let conn_id = info.conn_id;
         let mut entries = self.lock();
@@ -83,7 +86,13 @@ impl Registry {
         let n = entries.len();
         drop(entries);
         self.count.send_replace(n);
-        (Registration { registry: Arc::clone(self), conn_id }, rx)
+        (
+            Registration {
+                registry: Arc::clone(self),
+                conn_id,
+            },
+            rx,
+        )
     }
 
     /// Ask every session matching `pred` to close with `code`; returns how many were asked.
@@ -150,7 +159,10 @@ mod tests {
         let r = Registry::new();
         let (_g1, rx1) = r.register(info(1, "alice"));
         let (_g2, rx2) = r.register(info(2, "bob"));
-        assert_eq!(r.close_where(CloseCode::Kicked, |s| s.user_id == "alice"), 1);
+        assert_eq!(
+            r.close_where(CloseCode::Kicked, |s| s.user_id == "alice"),
+            1
+        );
         assert_eq!(*rx1.borrow(), Some(CloseCode::Kicked));
         assert_eq!(*rx2.borrow(), None);
         r.close_all(CloseCode::GoingAway);

@@ -90,7 +90,12 @@ impl<S> Layer<S> for JsonLines
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
-    fn on_new_span(&self, attrs: &tracing::span::Attributes<'_>, id: &tracing::span::Id, ctx: Context<'_, S>) {
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: Context<'_, S>,
+    ) {
         let mut fields = Map::new();
         attrs.record(&mut Collect(&mut fields));
         if let Some(span) = ctx.span(id) {
@@ -98,7 +103,12 @@ where
         }
     }
 
-    fn on_record(&self, id: &tracing::span::Id, values: &tracing::span::Record<'_>, ctx: Context<'_, S>) {
+    fn on_record(
+        &self,
+        id: &tracing::span::Id,
+        values: &tracing::span::Record<'_>,
+        ctx: Context<'_, S>,
+    ) {
         if let Some(span) = ctx.span(id) {
             if let Some(fields) = span.extensions_mut().get_mut::<SpanFields>() {
                 values.record(&mut Collect(&mut fields.0));
@@ -113,7 +123,10 @@ where
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default();
         line.insert("timestamp".into(), Value::from(ts));
-        line.insert("level".into(), Value::from(event.metadata().level().as_str().to_ascii_lowercase()));
+        line.insert(
+            "level".into(),
+            Value::from(event.metadata().level().as_str().to_ascii_lowercase()),
+        );
         if let Some(scope) = ctx.event_scope(event) {
             for span in scope.from_root() {
                 if let Some(fields) = span.extensions().get::<SpanFields>() {
@@ -131,7 +144,11 @@ where
                 .and_then(Value::as_str)
                 .unwrap_or(event.metadata().target())
                 .to_owned();
-            let origin = if target.starts_with("pingora") { "pingora" } else { "library" };
+            let origin = if target.starts_with("pingora") {
+                "pingora"
+            } else {
+                "library"
+            };
             line.insert("event".into(), Value::from(origin));
             line.entry("target").or_insert(Value::from(target));
         }

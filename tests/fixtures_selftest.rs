@@ -61,8 +61,12 @@ async fn start_bridge(backend: SocketAddr, max_message: usize) -> SocketAddr {
 async fn bridge_one(client: TcpStream, backend: SocketAddr, max_message: usize) {
     // Without it, Nagle holds back the small messages a low `max_message` produces.
     let _ = client.set_nodelay(true);
-    let Ok(ws) = tokio_tungstenite::accept_async(client).await else { return };
-    let Ok(tcp) = TcpStream::connect(backend).await else { return };
+    let Ok(ws) = tokio_tungstenite::accept_async(client).await else {
+        return;
+    };
+    let Ok(tcp) = TcpStream::connect(backend).await else {
+        return;
+    };
     let _ = tcp.set_nodelay(true);
     let (mut tcp_rd, mut tcp_wr) = tcp.into_split();
     let (mut ws_tx, mut ws_rx) = ws.split();
@@ -83,13 +87,20 @@ async fn bridge_one(client: TcpStream, backend: SocketAddr, max_message: usize) 
             match tcp_rd.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
-                    if ws_tx.send(Message::binary(buf[..n].to_vec())).await.is_err() {
+                    if ws_tx
+                        .send(Message::binary(buf[..n].to_vec()))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
             }
         }
-        let close = CloseFrame { code: CloseCode::Normal, reason: "backend closed".into() };
+        let close = CloseFrame {
+            code: CloseCode::Normal,
+            reason: "backend closed".into(),
+        };
         let _ = ws_tx.send(Message::Close(Some(close))).await;
     };
     tokio::pin!(upstream, downstream);
@@ -117,9 +128,12 @@ async fn rfb_fixture_handshake_and_frame_survive_any_message_split() {
     .expect("start fixture");
     for max_message in [1, 7, 65536] {
         let bridge = start_bridge(server.addr, max_message).await;
-        let (mut ws, _) =
-            within("connect", connect(&WsConnect::new(ws_url(bridge)))).await.expect("connect");
-        let mut session = within("handshake", rfb_handshake(&mut ws)).await.expect("handshake");
+        let (mut ws, _) = within("connect", connect(&WsConnect::new(ws_url(bridge))))
+            .await
+            .expect("connect");
+        let mut session = within("handshake", rfb_handshake(&mut ws))
+            .await
+            .expect("handshake");
         assert_eq!(session.server_name, "fixture desk");
         assert_eq!((session.width, session.height), (64, 48));
         assert_eq!(session.minor_version, 8);
@@ -128,7 +142,11 @@ async fn rfb_fixture_handshake_and_frame_survive_any_message_split() {
             .expect("update");
         assert_eq!(frame.rects, 1);
         assert_eq!(frame.pixels, 64 * 48);
-        assert_eq!(frame.first_pixel_rgb, [0x12, 0x34, 0x56], "split {max_message}");
+        assert_eq!(
+            frame.first_pixel_rgb,
+            [0x12, 0x34, 0x56],
+            "split {max_message}"
+        );
         eprintln!(
             "fixture via bridge (max message {max_message}): handshake {:?}, first update {:?}",
             session.handshake_time, frame.elapsed
@@ -142,14 +160,22 @@ async fn rfb_fixture_handshake_and_frame_survive_any_message_split() {
 
 #[tokio::test]
 async fn close_after_handshake_reaches_the_client_as_a_close_frame() {
-    let server = RfbServer::start(Mode::CloseAfterHandshake { name: "brief".into() })
-        .await
-        .expect("start fixture");
+    let server = RfbServer::start(Mode::CloseAfterHandshake {
+        name: "brief".into(),
+    })
+    .await
+    .expect("start fixture");
     let bridge = start_bridge(server.addr, 65536).await;
-    let (mut ws, _) = connect(&WsConnect::new(ws_url(bridge))).await.expect("connect");
-    let session = within("handshake", rfb_handshake(&mut ws)).await.expect("handshake");
+    let (mut ws, _) = connect(&WsConnect::new(ws_url(bridge)))
+        .await
+        .expect("connect");
+    let session = within("handshake", rfb_handshake(&mut ws))
+        .await
+        .expect("handshake");
     assert_eq!(session.server_name, "brief");
-    let frame = within("close", read_close(&mut ws)).await.expect("close frame");
+    let frame = within("close", read_close(&mut ws))
+        .await
+        .expect("close frame");
     assert_eq!(frame.code, CloseCode::Normal);
     within("backend end", server.stats().wait_closed(1)).await;
 }
@@ -157,9 +183,13 @@ async fn close_after_handshake_reaches_the_client_as_a_close_frame() {
 #[tokio::test]
 async fn flood_both_directions_digests_match() {
     const TOTAL: u64 = 8 << 20;
-    let server = RfbServer::start(Mode::Flood { total: TOTAL }).await.expect("start fixture");
+    let server = RfbServer::start(Mode::Flood { total: TOTAL })
+        .await
+        .expect("start fixture");
     let bridge = start_bridge(server.addr, 65536).await;
-    let (ws, _) = connect(&WsConnect::new(ws_url(bridge))).await.expect("connect");
+    let (ws, _) = connect(&WsConnect::new(ws_url(bridge)))
+        .await
+        .expect("connect");
     let (mut tx, mut rx) = ws.split();
     let started = Instant::now();
     let (sent, received) = within("flood", async {
@@ -173,7 +203,10 @@ async fn flood_both_directions_digests_match() {
     assert_eq!(received.expect("receive flood"), expected);
     assert_eq!(sent.expect("send flood"), expected);
     tx.close().await.expect("send close");
-    assert_eq!(within("backend digest", server.stats().wait_read_digest()).await, expected);
+    assert_eq!(
+        within("backend digest", server.stats().wait_read_digest()).await,
+        expected
+    );
     eprintln!("8 MiB each way through the bridge: {:?}", started.elapsed());
     let stats = server.stats();
     assert_eq!(stats.bytes_written.load(Ordering::SeqCst), TOTAL);
@@ -182,12 +215,17 @@ async fn flood_both_directions_digests_match() {
 
 #[tokio::test]
 async fn flood_reports_a_full_socket_when_the_peer_does_not_read() {
-    let server = RfbServer::start(Mode::Flood { total: 256 << 20 }).await.expect("start fixture");
+    let server = RfbServer::start(Mode::Flood { total: 256 << 20 })
+        .await
+        .expect("start fixture");
     let idle = TcpStream::connect(server.addr).await.expect("connect");
     within("write blocked", server.stats().blocked.notified()).await;
     within("counter", server.stats().wait_write_blocked(1)).await;
     let buffered = server.stats().bytes_written.load(Ordering::SeqCst);
-    assert!(buffered < 256 << 20, "the kernel cannot buffer the whole flood");
+    assert!(
+        buffered < 256 << 20,
+        "the kernel cannot buffer the whole flood"
+    );
     drop(idle);
     within("backend end", server.stats().wait_closed(1)).await;
 }
@@ -197,10 +235,15 @@ async fn echo_returns_every_byte() {
     const TOTAL: u64 = 3 << 20;
     let server = RfbServer::start(Mode::Echo).await.expect("start fixture");
     let bridge = start_bridge(server.addr, 65536).await;
-    let (ws, _) = connect(&WsConnect::new(ws_url(bridge))).await.expect("connect");
+    let (ws, _) = connect(&WsConnect::new(ws_url(bridge)))
+        .await
+        .expect("connect");
     let (mut tx, mut rx) = ws.split();
     let (sent, received) = within("echo", async {
-        tokio::join!(send_all_and_hash(&mut tx, TOTAL, 1000), recv_exact_and_hash(&mut rx, TOTAL))
+        tokio::join!(
+            send_all_and_hash(&mut tx, TOTAL, 1000),
+            recv_exact_and_hash(&mut rx, TOTAL)
+        )
     })
     .await;
     assert_eq!(sent.expect("send"), received.expect("receive"));
@@ -267,7 +310,11 @@ async fn refused_handshake_exposes_status_and_error_code() {
             .await
             .err()
             .expect("handshake must fail");
-        assert_eq!(error_code(&err), Some((401, "token_expired".to_string())), "chunked {chunked}");
+        assert_eq!(
+            error_code(&err),
+            Some((401, "token_expired".to_string())),
+            "chunked {chunked}"
+        );
     }
 }
 
@@ -281,13 +328,24 @@ async fn subprotocols_and_headers_are_sent() {
         let (s, _) = listener.accept().await.expect("accept");
         let mut seen = None;
         let callback = |req: &Request, mut resp: Response| {
-            let header =
-                |n: &str| req.headers().get(n).and_then(|v| v.to_str().ok()).map(str::to_owned);
-            seen = Some((header("sec-websocket-protocol"), header("cookie"), header("origin")));
-            resp.headers_mut().insert("sec-websocket-protocol", HeaderValue::from_static("binary"));
+            let header = |n: &str| {
+                req.headers()
+                    .get(n)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned)
+            };
+            seen = Some((
+                header("sec-websocket-protocol"),
+                header("cookie"),
+                header("origin"),
+            ));
+            resp.headers_mut()
+                .insert("sec-websocket-protocol", HeaderValue::from_static("binary"));
             Ok(resp)
         };
-        let ws = tokio_tungstenite::accept_hdr_async(s, callback).await.expect("accept ws");
+        let ws = tokio_tungstenite::accept_hdr_async(s, callback)
+            .await
+            .expect("accept ws");
         drop(ws);
         seen
     });
@@ -298,7 +356,13 @@ async fn subprotocols_and_headers_are_sent() {
         ("Origin".into(), "https://desk.example".into()),
     ];
     let (_ws, response) = within("connect", connect(&c)).await.expect("connect");
-    assert_eq!(response.headers().get("sec-websocket-protocol").expect("selected"), "binary");
+    assert_eq!(
+        response
+            .headers()
+            .get("sec-websocket-protocol")
+            .expect("selected"),
+        "binary"
+    );
     let seen = server.await.expect("server task").expect("request seen");
     assert_eq!(seen.0.as_deref(), Some("binary, bearer.abc"));
     assert_eq!(seen.1.as_deref(), Some("vnc_token=xyz"));
@@ -326,7 +390,9 @@ async fn tls_client_trusts_an_rcgen_certificate() {
     tokio::spawn(async move {
         let (s, _) = listener.accept().await.expect("accept");
         let tls = acceptor.accept(s).await.expect("tls accept");
-        let mut ws = tokio_tungstenite::accept_async(tls).await.expect("ws accept");
+        let mut ws = tokio_tungstenite::accept_async(tls)
+            .await
+            .expect("ws accept");
         while let Some(Ok(msg)) = ws.next().await {
             if msg.is_binary() && ws.send(msg).await.is_err() {
                 break;
@@ -335,11 +401,21 @@ async fn tls_client_trusts_an_rcgen_certificate() {
     });
     let mut c = WsConnect::new(format!("wss://localhost:{port}/websockify"));
     c.tls = Some(tls_client_config(&cert_der));
-    let (mut ws, _) = within("tls connect", connect(&c)).await.expect("connect over TLS");
+    let (mut ws, _) = within("tls connect", connect(&c))
+        .await
+        .expect("connect over TLS");
     assert!(ws.get_ref().is_tls());
-    assert_eq!(ws.get_ref().alpn_protocol().as_deref(), Some(&b"http/1.1"[..]));
-    ws.send(Message::binary(b"ping over tls".to_vec())).await.expect("send");
-    let echoed = within("echo", ws.next()).await.expect("message").expect("ok");
+    assert_eq!(
+        ws.get_ref().alpn_protocol().as_deref(),
+        Some(&b"http/1.1"[..])
+    );
+    ws.send(Message::binary(b"ping over tls".to_vec()))
+        .await
+        .expect("send");
+    let echoed = within("echo", ws.next())
+        .await
+        .expect("message")
+        .expect("ok");
     assert_eq!(echoed.into_data().as_ref(), b"ping over tls");
 }
 
@@ -350,7 +426,9 @@ async fn real_xvnc_through_the_bridge() {
         return;
     }
     let started = Instant::now();
-    let xvnc = Xvnc::start_async("selftest desktop", (640, 480)).await.expect("start Xvnc");
+    let xvnc = Xvnc::start_async("selftest desktop", (640, 480))
+        .await
+        .expect("start Xvnc");
     eprintln!(
         "Xvnc :{} rfbport {} ready after {:?} (start() returned after {:?})",
         xvnc.display,
@@ -361,15 +439,23 @@ async fn real_xvnc_through_the_bridge() {
     xvnc.set_root_color("#336699").expect("xsetroot");
     for max_message in [7, 65536] {
         let bridge = start_bridge(xvnc.rfb_addr(), max_message).await;
-        let (mut ws, _) =
-            within("connect", connect(&WsConnect::new(ws_url(bridge)))).await.expect("connect");
-        let mut session = within("handshake", rfb_handshake(&mut ws)).await.expect("handshake");
+        let (mut ws, _) = within("connect", connect(&WsConnect::new(ws_url(bridge))))
+            .await
+            .expect("connect");
+        let mut session = within("handshake", rfb_handshake(&mut ws))
+            .await
+            .expect("handshake");
         assert_eq!(session.server_name, "selftest desktop");
         assert_eq!((session.width, session.height), (640, 480));
         let frame = within("update", first_framebuffer_update(&mut ws, &mut session))
             .await
             .expect("update");
-        assert_eq!(frame.first_pixel_rgb, [0x33, 0x66, 0x99], "log:\n{}", xvnc.log_tail(2000));
+        assert_eq!(
+            frame.first_pixel_rgb,
+            [0x33, 0x66, 0x99],
+            "log:\n{}",
+            xvnc.log_tail(2000)
+        );
         eprintln!(
             "Xvnc via bridge (max message {max_message}): handshake {:?}, first update {:?} \
              ({} rects, {} pixels)",

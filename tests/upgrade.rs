@@ -11,9 +11,14 @@ use rstest::rstest;
 use serde_json::json;
 
 async fn rfb_backend(name: &str) -> RfbServer {
-    RfbServer::start(Mode::Rfb { name: name.into(), width: 64, height: 48, rgb: [10, 200, 30] })
-        .await
-        .expect("fixture")
+    RfbServer::start(Mode::Rfb {
+        name: name.into(),
+        width: 64,
+        height: 48,
+        rgb: [10, 200, 30],
+    })
+    .await
+    .expect("fixture")
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -27,9 +32,13 @@ enum Source {
 fn request(gw: &Gateway, token: &str, source: Source) -> WsConnect {
     let mut c = WsConnect::new(gw.ws_url(""));
     match source {
-        Source::Header => c.headers.push(("Authorization".into(), format!("Bearer {token}"))),
+        Source::Header => c
+            .headers
+            .push(("Authorization".into(), format!("Bearer {token}"))),
         Source::Query => c.url = gw.ws_url(&format!("?token={token}")),
-        Source::Cookie => c.headers.push(("Cookie".into(), format!("a=b; vncgate_token={token}"))),
+        Source::Cookie => c
+            .headers
+            .push(("Cookie".into(), format!("a=b; vncgate_token={token}"))),
         Source::Subprotocol => c.subprotocols = vec!["binary".into(), format!("bearer.{token}")],
     }
     c
@@ -43,24 +52,44 @@ fn request(gw: &Gateway, token: &str, source: Source) -> WsConnect {
 #[tokio::test]
 async fn every_token_source_reaches_the_desktop(#[case] source: Source) {
     let backend = rfb_backend("fixture-desk").await;
-    let gw = Gateway::start(GatewayConfig::new(vec![BackendSpec::rfb("desk", backend.addr)])).await;
+    let gw = Gateway::start(GatewayConfig::new(vec![BackendSpec::rfb(
+        "desk",
+        backend.addr,
+    )]))
+    .await;
     let jwt = token("alice", Some("s1"));
-    let (mut ws, response) = rfb_client::connect(&request(&gw, &jwt, source)).await.expect("upgrade");
-    let selected = response.headers().get("sec-websocket-protocol").map(|v| v.to_str().unwrap_or("").to_owned());
+    let (mut ws, response) = rfb_client::connect(&request(&gw, &jwt, source))
+        .await
+        .expect("upgrade");
+    let selected = response
+        .headers()
+        .get("sec-websocket-protocol")
+        .map(|v| v.to_str().unwrap_or("").to_owned());
     match source {
-        Source::Subprotocol => assert_eq!(selected.as_deref(), Some("binary"), "bearer entry must never be echoed"),
+        Source::Subprotocol => assert_eq!(
+            selected.as_deref(),
+            Some("binary"),
+            "bearer entry must never be echoed"
+        ),
         _ => assert_eq!(selected, None),
     }
-    let mut session = rfb_client::rfb_handshake(&mut ws).await.expect("rfb handshake");
+    let mut session = rfb_client::rfb_handshake(&mut ws)
+        .await
+        .expect("rfb handshake");
     assert_eq!(session.server_name, "fixture-desk");
-    let update = rfb_client::first_framebuffer_update(&mut ws, &mut session).await.expect("update");
+    let update = rfb_client::first_framebuffer_update(&mut ws, &mut session)
+        .await
+        .expect("update");
     assert_eq!(update.first_pixel_rgb, [10, 200, 30]);
     drop(ws);
     let ended = gw.wait_log(|v| v["event"] == "session_ended").await;
     assert_eq!(ended["session_id"], "s1");
     assert_eq!(ended["user_id"], "alice");
     assert_eq!(ended["backend"], "desk");
-    assert!(ended["bytes_out"].as_u64().unwrap_or(0) > 64 * 48 * 4, "{ended}");
+    assert!(
+        ended["bytes_out"].as_u64().unwrap_or(0) > 64 * 48 * 4,
+        "{ended}"
+    );
     assert!(ended["duration_ms"].is_u64());
     let raw = gw.raw_logs().join("\n");
     assert!(!raw.contains(&jwt), "a token appeared in the logs");
@@ -104,22 +133,35 @@ fn claims(extra: serde_json::Value) -> serde_json::Value {
 #[tokio::test]
 async fn token_refusals(#[case] jwt: Option<String>, #[case] status: u16, #[case] code: &str) {
     let backend = rfb_backend("d").await;
-    let gw = Gateway::start(GatewayConfig::new(vec![BackendSpec::rfb("desk", backend.addr)])).await;
+    let gw = Gateway::start(GatewayConfig::new(vec![BackendSpec::rfb(
+        "desk",
+        backend.addr,
+    )]))
+    .await;
     let mut c = WsConnect::new(gw.ws_url(""));
     if let Some(t) = &jwt {
-        c.headers.push(("Authorization".into(), format!("Bearer {t}")));
+        c.headers
+            .push(("Authorization".into(), format!("Bearer {t}")));
     }
     assert_eq!(refusal(&c).await, (status, code.to_owned()));
     let logged = gw.wait_log(|v| v["event"] == "upgrade_rejected").await;
     assert_eq!(logged["code"], code);
-    assert_eq!(gw.metric(&format!("vncgate_upgrades_total{{result=\"{code}\"}}")).await, 1.0);
+    assert_eq!(
+        gw.metric(&format!("vncgate_upgrades_total{{result=\"{code}\"}}"))
+            .await,
+        1.0
+    );
     assert!(!gw.logs().iter().any(|v| v["event"] == "session_started"));
 }
 
 #[tokio::test]
 async fn handshake_refusals_and_paths() {
     let backend = rfb_backend("d").await;
-    let gw = Gateway::start(GatewayConfig::new(vec![BackendSpec::rfb("desk", backend.addr)])).await;
+    let gw = Gateway::start(GatewayConfig::new(vec![BackendSpec::rfb(
+        "desk",
+        backend.addr,
+    )]))
+    .await;
     let jwt = token("alice", None);
 
     // Subprotocols offered without `binary`.
@@ -130,7 +172,10 @@ async fn handshake_refusals_and_paths() {
     // A plain GET on the WebSocket path is not an upgrade.
     let (status, body) = common::http_get(gw.port, "/websockify", &[]).await;
     assert_eq!(status, 400);
-    assert_eq!(serde_json::from_str::<serde_json::Value>(&body).expect("json")["error"], "bad_upgrade");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).expect("json")["error"],
+        "bad_upgrade"
+    );
 
     // Wrong WebSocket version.
     let mut c = request(&gw, &jwt, Source::Header);
@@ -140,7 +185,10 @@ async fn handshake_refusals_and_paths() {
     // Any other path: 404 with the JSON body.
     let (status, body) = common::http_get(gw.port, "/nope", &[]).await;
     assert_eq!(status, 404);
-    assert_eq!(serde_json::from_str::<serde_json::Value>(&body).expect("json")["error"], "not_found");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body).expect("json")["error"],
+        "not_found"
+    );
 }
 
 #[tokio::test]
@@ -150,30 +198,54 @@ async fn session_owner_binding_and_per_user_limit() {
     cfg.extra = "limits:\n  max_sessions: 3\n  max_sessions_per_user: 1\n".into();
     let gw = Gateway::start(cfg).await;
 
-    let (mut first, _) = rfb_client::connect(&request(&gw, &token("alice", Some("shared")), Source::Query))
+    let (mut first, _) = rfb_client::connect(&request(
+        &gw,
+        &token("alice", Some("shared")),
+        Source::Query,
+    ))
+    .await
+    .expect("alice");
+    rfb_client::rfb_handshake(&mut first)
         .await
-        .expect("alice");
-    rfb_client::rfb_handshake(&mut first).await.expect("handshake");
+        .expect("handshake");
 
     // Another user may not join alice's session.
     let c = request(&gw, &token("mallory", Some("shared")), Source::Query);
-    assert_eq!(refusal(&c).await, (403, "session_owned_by_other_user".into()));
+    assert_eq!(
+        refusal(&c).await,
+        (403, "session_owned_by_other_user".into())
+    );
 
     // alice already has her one allowed live session.
     let c = request(&gw, &token("alice", Some("other")), Source::Query);
     assert_eq!(refusal(&c).await, (429, "too_many_sessions".into()));
 
     // Fill the gateway: bob and carol take the two remaining slots, dave is over capacity.
-    let (_bob, _) = rfb_client::connect(&request(&gw, &token("bob", None), Source::Query)).await.expect("bob");
-    let (_carol, _) = rfb_client::connect(&request(&gw, &token("carol", None), Source::Query)).await.expect("carol");
+    let (_bob, _) = rfb_client::connect(&request(&gw, &token("bob", None), Source::Query))
+        .await
+        .expect("bob");
+    let (_carol, _) = rfb_client::connect(&request(&gw, &token("carol", None), Source::Query))
+        .await
+        .expect("carol");
     let c = request(&gw, &token("dave", None), Source::Query);
     assert_eq!(refusal(&c).await, (503, "over_capacity".into()));
 
     // When alice's session ends, her slot is free again and her pin still leads to her desk.
     drop(first);
-    gw.wait_log(|v| v["event"] == "session_ended" && v["user_id"] == "alice").await;
-    let (mut again, _) = rfb_client::connect(&request(&gw, &token("alice", Some("shared")), Source::Query))
-        .await
-        .expect("alice again");
-    assert_eq!(rfb_client::rfb_handshake(&mut again).await.expect("handshake").server_name, "d");
+    gw.wait_log(|v| v["event"] == "session_ended" && v["user_id"] == "alice")
+        .await;
+    let (mut again, _) = rfb_client::connect(&request(
+        &gw,
+        &token("alice", Some("shared")),
+        Source::Query,
+    ))
+    .await
+    .expect("alice again");
+    assert_eq!(
+        rfb_client::rfb_handshake(&mut again)
+            .await
+            .expect("handshake")
+            .server_name,
+        "d"
+    );
 }

@@ -20,7 +20,9 @@ pub fn check_origin(origin: Option<&[u8]>, allowed: &[String]) -> Result<(), Aut
 
 pub fn valid_session_id(sid: &str) -> bool {
     (1..=128).contains(&sid.len())
-        && sid.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+        && sid
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
 
 /// Check the claims against the config: `sid` format, pool exists, backend belongs to the pool.
@@ -28,7 +30,9 @@ pub fn authorize(claims: &Claims, config: &Config) -> Result<(), AuthError> {
     if !valid_session_id(claims.session_id()) {
         return Err(AuthError::BadSessionId);
     }
-    let pool = config.pool(claims.pool_name()).ok_or(AuthError::PoolUnknown)?;
+    let pool = config
+        .pool(claims.pool_name())
+        .ok_or(AuthError::PoolUnknown)?;
     if let Some(name) = &claims.backend {
         if !pool.backends.iter().any(|b| &b.name == name) {
             return Err(AuthError::BackendNotAllowed);
@@ -63,7 +67,10 @@ mod tests {
     fn origin_allowlist_is_exact() {
         let allowed = vec!["https://app.example".to_string()];
         assert!(check_origin(Some(b"https://app.example"), &allowed).is_ok());
-        assert_eq!(check_origin(Some(b"https://app.example.evil"), &allowed), Err(AuthError::OriginDenied));
+        assert_eq!(
+            check_origin(Some(b"https://app.example.evil"), &allowed),
+            Err(AuthError::OriginDenied)
+        );
         assert_eq!(check_origin(None, &allowed), Err(AuthError::OriginDenied));
         assert!(check_origin(None, &[]).is_ok());
     }

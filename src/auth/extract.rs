@@ -137,7 +137,10 @@ mod tests {
         h
     }
 
-    fn find(pairs: &[(&'static str, &str)], uri: &str) -> Result<Option<(String, TokenSource)>, AuthError> {
+    fn find(
+        pairs: &[(&'static str, &str)],
+        uri: &str,
+    ) -> Result<Option<(String, TokenSource)>, AuthError> {
         let h = headers(pairs);
         let p = subprotocols(&h)?;
         token(&h, &uri.parse().expect("test uri"), &p)
@@ -165,7 +168,10 @@ mod tests {
     #[test]
     fn non_ascii_authorization_is_malformed() {
         let mut h = HeaderMap::new();
-        h.insert(AUTHORIZATION, HeaderValue::from_bytes(b"Bearer \xff\xfe").expect("opaque bytes"));
+        h.insert(
+            AUTHORIZATION,
+            HeaderValue::from_bytes(b"Bearer \xff\xfe").expect("opaque bytes"),
+        );
         let p = subprotocols(&h).expect("no protocols");
         let got = token(&h, &"/ws".parse().expect("uri"), &p);
         assert!(matches!(got, Err(AuthError::Malformed(_))));
@@ -173,7 +179,8 @@ mod tests {
 
     #[test]
     fn subprotocol_offer_is_recorded() {
-        let p = subprotocols(&headers(&[("sec-websocket-protocol", "chat, bearer.T")])).expect("parse");
+        let p =
+            subprotocols(&headers(&[("sec-websocket-protocol", "chat, bearer.T")])).expect("parse");
         assert!(p.offered);
         assert!(!p.has_binary);
         assert_eq!(p.bearer.as_deref(), Some("T"));
@@ -181,7 +188,9 @@ mod tests {
 
     #[test]
     fn redaction_hides_every_token_parameter() {
-        let uri: Uri = "/websockify?token=secret.jwt&x=1&token=two".parse().expect("uri");
+        let uri: Uri = "/websockify?token=secret.jwt&x=1&token=two"
+            .parse()
+            .expect("uri");
         let shown = redacted_target(&uri);
         assert!(!shown.contains("secret"), "{shown}");
         assert!(!shown.contains("two"), "{shown}");

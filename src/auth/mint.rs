@@ -19,10 +19,16 @@ pub struct TokenRequest {
 }
 
 pub fn now_unix() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
-pub fn mint_hs256(secret: &[u8], req: &TokenRequest) -> Result<String, jsonwebtoken::errors::Error> {
+pub fn mint_hs256(
+    secret: &[u8],
+    req: &TokenRequest,
+) -> Result<String, jsonwebtoken::errors::Error> {
     let now = now_unix();
     let claims = Claims {
         sub: req.sub.clone(),
@@ -37,5 +43,9 @@ pub fn mint_hs256(secret: &[u8], req: &TokenRequest) -> Result<String, jsonwebto
         view_only: req.view_only,
         jti: req.jti.clone(),
     };
-    encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret))
+    encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret),
+    )
 }

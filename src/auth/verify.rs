@@ -20,7 +20,10 @@ struct Key {
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("auth.public_key_files: cannot read {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("auth.public_key_files: {path} is not an RSA, EC or Ed25519 public key in PEM")]
     Pem { path: String },
 }
@@ -42,12 +45,18 @@ impl Verifier {
         let mut keys = Vec::new();
         if cfg.algorithms.iter().any(|a| is_hmac(*a)) {
             if let Some(secret) = &cfg.secret {
-                keys.push(Key { kid: None, key: DecodingKey::from_secret(secret.expose().as_bytes()) });
+                keys.push(Key {
+                    kid: None,
+                    key: DecodingKey::from_secret(secret.expose().as_bytes()),
+                });
             }
         }
         for path in &cfg.public_key_files {
             let shown = path.display().to_string();
-            let pem = std::fs::read(path).map_err(|source| KeyError::Read { path: shown.clone(), source })?;
+            let pem = std::fs::read(path).map_err(|source| KeyError::Read {
+                path: shown.clone(),
+                source,
+            })?;
             let key = DecodingKey::from_rsa_pem(&pem)
                 .or_else(|_| DecodingKey::from_ec_pem(&pem))
                 .or_else(|_| DecodingKey::from_ed_pem(&pem))
@@ -75,11 +84,15 @@ impl Verifier {
         // A `kid` that names one of our keys selects it; otherwise every key of the family is
         // tried (PEM files carry no kid). An unknown kid is never looked up anywhere else.
         let by_kid: Vec<&Key> = match &header.kid {
-            Some(kid) => same_family().filter(|k| k.kid.as_deref() == Some(kid)).collect(),
+            Some(kid) => same_family()
+                .filter(|k| k.kid.as_deref() == Some(kid))
+                .collect(),
             None => Vec::new(),
         };
         let candidates: Vec<&Key> = if by_kid.is_empty() {
-            same_family().filter(|k| k.kid.is_none() || header.kid.is_none()).collect()
+            same_family()
+                .filter(|k| k.kid.is_none() || header.kid.is_none())
+                .collect()
         } else {
             by_kid
         };
@@ -88,7 +101,9 @@ impl Verifier {
         for key in candidates {
             match decode::<Claims>(token, &key.key, &validation) {
                 Ok(data) => return Ok(data.claims),
-                Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature) => last = AuthError::Signature,
+                Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature) => {
+                    last = AuthError::Signature
+                }
                 Err(e) => return Err(map_error(e)),
             }
         }
@@ -155,8 +170,12 @@ fn map_error(e: jsonwebtoken::errors::Error) -> AuthError {
         | ErrorKind::MissingAlgorithm
         | ErrorKind::InvalidAlgorithmName
         | ErrorKind::UnsupportedAlgorithm => AuthError::Algorithm,
-        ErrorKind::InvalidClaimFormat(c) => AuthError::Malformed(format!("claim {c} has the wrong type")),
-        ErrorKind::Json(_) => AuthError::Malformed("claims are missing or have the wrong type".into()),
+        ErrorKind::InvalidClaimFormat(c) => {
+            AuthError::Malformed(format!("claim {c} has the wrong type"))
+        }
+        ErrorKind::Json(_) => {
+            AuthError::Malformed("claims are missing or have the wrong type".into())
+        }
         _ => AuthError::Malformed("not a valid JWT".into()),
     }
 }

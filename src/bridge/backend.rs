@@ -20,7 +20,10 @@ pub const READ_CHUNK: usize = 64 * 1024;
 
 pub trait BackendRead: Send {
     /// The next chunk, or `None` when the backend closed its side.
-    fn read_chunk(&mut self, buf: &mut BytesMut) -> impl Future<Output = io::Result<Option<Bytes>>> + Send;
+    fn read_chunk(
+        &mut self,
+        buf: &mut BytesMut,
+    ) -> impl Future<Output = io::Result<Option<Bytes>>> + Send;
 }
 
 pub trait BackendWrite: Send {
@@ -74,7 +77,10 @@ impl BackendRead for WsRead {
                 None | Some(Ok(Message::Close(_))) => return Ok(None),
                 Some(Ok(Message::Binary(data))) => return Ok(Some(data)),
                 Some(Ok(Message::Text(_))) => {
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, "backend sent a text frame"));
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "backend sent a text frame",
+                    ));
                 }
                 // Pings are answered by tungstenite itself; pongs and raw frames carry no RFB.
                 Some(Ok(_)) => continue,
@@ -86,7 +92,10 @@ impl BackendRead for WsRead {
 
 impl BackendWrite for WsWrite {
     async fn write_chunk(&mut self, data: Bytes) -> io::Result<()> {
-        self.0.send(Message::Binary(data)).await.map_err(io::Error::other)
+        self.0
+            .send(Message::Binary(data))
+            .await
+            .map_err(io::Error::other)
     }
 
     async fn shutdown(&mut self) {

@@ -107,7 +107,9 @@ where
     W: BackendWrite,
 {
     let (mut sink, mut stream) = ws.split();
-    let clock = Clock { start: Instant::now() };
+    let clock = Clock {
+        start: Instant::now(),
+    };
     let last_seen = AtomicU64::new(0);
     let last_input = AtomicU64::new(0);
     let bytes_in = AtomicU64::new(0);
@@ -131,7 +133,9 @@ where
                     let _held = Held::new(&meters.buffered, n);
                     let started = Instant::now();
                     let written = backend_write.write_chunk(data).await;
-                    meters.client_to_backend_wait.inc_by(started.elapsed().as_secs_f64());
+                    meters
+                        .client_to_backend_wait
+                        .inc_by(started.elapsed().as_secs_f64());
                     if written.is_err() {
                         return EndReason::Gateway(CloseCode::TryAgain);
                     }
@@ -271,7 +275,10 @@ async fn finish<S>(
 {
     match end {
         EndReason::Gateway(code) if code.is_sendable() => {
-            let frame = CloseFrame { code: code.as_u16().into(), reason: code.reason().into() };
+            let frame = CloseFrame {
+                code: code.as_u16().into(),
+                reason: code.reason().into(),
+            };
             let closing = async {
                 if sink.send(Message::Close(Some(frame))).await.is_err() {
                     return;

@@ -83,6 +83,7 @@ pub(super) struct RawStore {
 pub(super) struct RawPool {
     pub backends: Vec<RawBackend>,
     pub failover: Option<bool>,
+    pub health_check_interval_seconds: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -119,6 +119,9 @@ pub struct StoreConfig {
 pub struct PoolConfig {
     pub backends: Vec<BackendConfig>,
     pub failover: bool,
+    /// Active TCP health checks of this pool's backends; `None` = off (a backend then counts as
+    /// up, and a failed connect answers 502).
+    pub health_check_interval: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -180,14 +183,18 @@ pub struct LoggingConfig {
 impl Config {
     /// Read and validate a config file, reading secrets from the process environment.
     pub fn load(path: &std::path::Path) -> Result<Config, ConfigErrors> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigErrors::single("", format!("cannot read {}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors::single("", format!("cannot read {}: {e}", path.display()))
+        })?;
         Config::from_yaml(&text, &|name| std::env::var(name).ok())
     }
 
     /// Parse and validate YAML text; `env` looks up the variables named by `*_env` keys (tests pass
     /// their own lookup instead of mutating the process environment).
-    pub fn from_yaml(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigErrors> {
+    pub fn from_yaml(
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigErrors> {
         let raw = file::parse(text)?;
         validate::resolve(raw, env)
     }

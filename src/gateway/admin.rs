@@ -42,7 +42,11 @@ impl AdminApp {
         } else {
             "degraded"
         };
-        let code = if draining || healthy == 0 { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+        let code = if draining || healthy == 0 {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::OK
+        };
         json_response(
             code,
             json!({
@@ -108,7 +112,11 @@ impl ServeHttp for AdminApp {
             }
             (_, p) if p.starts_with("/admin/") => {
                 if !self.authorized(session) {
-                    return error(StatusCode::UNAUTHORIZED, "unauthorized", "admin endpoints need the admin bearer token");
+                    return error(
+                        StatusCode::UNAUTHORIZED,
+                        "unauthorized",
+                        "admin endpoints need the admin bearer token",
+                    );
                 }
                 match (method.as_str(), p) {
                     ("GET", "/admin/sessions") => self.sessions(),

@@ -47,7 +47,11 @@ fn has_token(headers: &HeaderMap, name: http::header::HeaderName, token: &str) -
     })
 }
 
-pub fn validate(method: &Method, version: Version, headers: &HeaderMap) -> Result<Handshake, HandshakeError> {
+pub fn validate(
+    method: &Method,
+    version: Version,
+    headers: &HeaderMap,
+) -> Result<Handshake, HandshakeError> {
     if method != Method::GET {
         return Err(HandshakeError::Method);
     }
@@ -73,11 +77,15 @@ pub fn validate(method: &Method, version: Version, headers: &HeaderMap) -> Resul
     if headers.get(SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
         return Err(HandshakeError::WsVersion);
     }
-    let protocols = extract::subprotocols(headers).map_err(|_| HandshakeError::SubprotocolSyntax)?;
+    let protocols =
+        extract::subprotocols(headers).map_err(|_| HandshakeError::SubprotocolSyntax)?;
     if protocols.offered && !protocols.has_binary {
         return Err(HandshakeError::Subprotocol);
     }
-    Ok(Handshake { accept: derive_accept_key(key.as_bytes()), protocols })
+    Ok(Handshake {
+        accept: derive_accept_key(key.as_bytes()),
+        protocols,
+    })
 }
 
 #[cfg(test)]
@@ -91,7 +99,10 @@ mod tests {
         h.insert(HOST, HeaderValue::from_static("gw"));
         h.insert(UPGRADE, HeaderValue::from_static("websocket"));
         h.insert(CONNECTION, HeaderValue::from_static("keep-alive, Upgrade"));
-        h.insert(SEC_WEBSOCKET_KEY, HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ=="));
+        h.insert(
+            SEC_WEBSOCKET_KEY,
+            HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ=="),
+        );
         h.insert(SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
         h
     }
@@ -111,8 +122,16 @@ mod tests {
     #[case::bad_key("sec-websocket-key", Some("!!!"), HandshakeError::Key)]
     #[case::version_8("sec-websocket-version", Some("8"), HandshakeError::WsVersion)]
     #[case::no_host("host", None, HandshakeError::Host)]
-    #[case::protocol_without_binary("sec-websocket-protocol", Some("chat"), HandshakeError::Subprotocol)]
-    fn refusals(#[case] name: &'static str, #[case] value: Option<&'static str>, #[case] want: HandshakeError) {
+    #[case::protocol_without_binary(
+        "sec-websocket-protocol",
+        Some("chat"),
+        HandshakeError::Subprotocol
+    )]
+    fn refusals(
+        #[case] name: &'static str,
+        #[case] value: Option<&'static str>,
+        #[case] want: HandshakeError,
+    ) {
         let mut h = good();
         match value {
             Some(v) => {
@@ -122,12 +141,21 @@ mod tests {
                 h.remove(name);
             }
         }
-        assert_eq!(validate(&Method::GET, Version::HTTP_11, &h).err(), Some(want));
+        assert_eq!(
+            validate(&Method::GET, Version::HTTP_11, &h).err(),
+            Some(want)
+        );
     }
 
     #[test]
     fn post_and_http10_are_refused() {
-        assert_eq!(validate(&Method::POST, Version::HTTP_11, &good()).err(), Some(HandshakeError::Method));
-        assert_eq!(validate(&Method::GET, Version::HTTP_10, &good()).err(), Some(HandshakeError::Version));
+        assert_eq!(
+            validate(&Method::POST, Version::HTTP_11, &good()).err(),
+            Some(HandshakeError::Method)
+        );
+        assert_eq!(
+            validate(&Method::GET, Version::HTTP_10, &good()).err(),
+            Some(HandshakeError::Version)
+        );
     }
 }

@@ -58,22 +58,42 @@ impl HttpServerApp for App {
         }
         let gw = &self.0;
         let path = session.req_header().uri.path().to_owned();
-        if gw.config.paths.iter().any(|p| *p == path) {
+        if gw.config.paths.contains(&path) {
             return upgrade::handle(gw, session, shutdown).await;
         }
         let method = session.req_header().method.clone();
         let readable = method == http::Method::GET || method == http::Method::HEAD;
         if readable && path == "/healthz" {
-            return respond::json(session, StatusCode::OK, serde_json::json!({"status": "ok"}), &[]).await;
+            return respond::json(
+                session,
+                StatusCode::OK,
+                serde_json::json!({"status": "ok"}),
+                &[],
+            )
+            .await;
         }
         if readable {
             if let Some(root) = &gw.config.web_root {
                 if let Some(file) = static_files::load(root, &path).await {
-                    return respond::send(session, StatusCode::OK, &file.content_type, file.body, &[]).await;
+                    return respond::send(
+                        session,
+                        StatusCode::OK,
+                        &file.content_type,
+                        file.body,
+                        &[],
+                    )
+                    .await;
                 }
             }
         }
         let refusal = Refusal::new(ErrorCode::NotFound, "no such path");
-        respond::send(session, StatusCode::NOT_FOUND, "application/json", refusal.body(), &[]).await
+        respond::send(
+            session,
+            StatusCode::NOT_FOUND,
+            "application/json",
+            refusal.body(),
+            &[],
+        )
+        .await
     }
 }

@@ -97,7 +97,10 @@ impl ErrorCode {
             BadUpgrade | BadSessionId => StatusCode::BAD_REQUEST,
             TokenMissing | TokenMalformed | TokenSignature | TokenExpired | TokenNotYetValid
             | TokenIssuer | TokenAudience | TokenAlgorithm => StatusCode::UNAUTHORIZED,
-            OriginDenied | SessionOwnedByOtherUser | TokenRevoked | PoolUnknown
+            OriginDenied
+            | SessionOwnedByOtherUser
+            | TokenRevoked
+            | PoolUnknown
             | BackendNotAllowed => StatusCode::FORBIDDEN,
             NotFound => StatusCode::NOT_FOUND,
             TooManySessions | TooManyAuthFailures => StatusCode::TOO_MANY_REQUESTS,
@@ -111,7 +114,10 @@ impl ErrorCode {
     /// Refusals counted in `vncgate_auth_failures_total` and in the per-address throttle: the
     /// 401s and the 403s (contract §8: "the 401/403 code").
     pub fn is_auth_failure(self) -> bool {
-        matches!(self.status(), StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN)
+        matches!(
+            self.status(),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+        )
     }
 }
 
@@ -124,7 +130,10 @@ pub struct Refusal {
 
 impl Refusal {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Refusal { code, message: message.into() }
+        Refusal {
+            code,
+            message: message.into(),
+        }
     }
 
     /// The JSON body of contract §5.

@@ -16,16 +16,27 @@ pub async fn send(
 ) -> Option<ReusedHttpStream> {
     let head_only = session.req_header().method == http::Method::HEAD;
     let mut header = ResponseHeader::build(status, Some(4 + extra.len())).ok()?;
-    header.insert_header(http::header::CONTENT_TYPE, content_type).ok()?;
-    header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string()).ok()?;
-    header.insert_header(http::header::CACHE_CONTROL, "no-store").ok()?;
-    header.insert_header("x-content-type-options", "nosniff").ok()?;
+    header
+        .insert_header(http::header::CONTENT_TYPE, content_type)
+        .ok()?;
+    header
+        .insert_header(http::header::CONTENT_LENGTH, body.len().to_string())
+        .ok()?;
+    header
+        .insert_header(http::header::CACHE_CONTROL, "no-store")
+        .ok()?;
+    header
+        .insert_header("x-content-type-options", "nosniff")
+        .ok()?;
     for (name, value) in extra {
         header.insert_header(*name, value.as_str()).ok()?;
     }
     session.write_response_header(Box::new(header)).await.ok()?;
     if !head_only && !body.is_empty() {
-        session.write_response_body(Bytes::from(body), true).await.ok()?;
+        session
+            .write_response_body(Bytes::from(body), true)
+            .await
+            .ok()?;
     }
     let settings = HttpPersistentSettings::for_session(&session);
     match session.finish().await {
@@ -40,5 +51,12 @@ pub async fn json(
     value: serde_json::Value,
     extra: &[(&'static str, String)],
 ) -> Option<ReusedHttpStream> {
-    send(session, status, "application/json", value.to_string().into_bytes(), extra).await
+    send(
+        session,
+        status,
+        "application/json",
+        value.to_string().into_bytes(),
+        extra,
+    )
+    .await
 }

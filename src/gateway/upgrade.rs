@@ -41,7 +41,7 @@ struct Admitted {
 
 enum BackendConn {
     Tcp(TcpStream),
-    WebSocket(WebSocketStream<TcpStream>),
+    WebSocket(Box<WebSocketStream<TcpStream>>),
 }
 
 pub async fn handle(
@@ -60,7 +60,9 @@ pub async fn handle(
         pool = field::Empty,
         backend = field::Empty,
     );
-    run(gw, session, shutdown, conn_id, client_addr).instrument(span).await
+    run(gw, session, shutdown, conn_id, client_addr)
+        .instrument(span)
+        .await
 }
 
 async fn run(
@@ -78,13 +80,17 @@ async fn run(
             None
         }
         Ok(admitted) => {
-            gw.metrics.upgrade_duration.observe(started.elapsed().as_secs_f64());
+            gw.metrics
+                .upgrade_duration
+                .observe(started.elapsed().as_secs_f64());
             gw.metrics.upgrades_total.with_label_values(&["ok"]).inc();
             let early = match switch_protocols(&mut session, &admitted.handshake).await {
                 Some(early) => early,
                 None => return None,
             };
-            let ServerSession::H1(h1) = session else { return None };
+            let ServerSession::H1(h1) = session else {
+                return None;
+            };
             serve(gw, h1.into_inner(), early, admitted, conn_id, client_addr).await;
             None
         }
@@ -99,10 +105,16 @@ async fn admit(
     ip: Option<IpAddr>,
 ) -> Result<Admitted, Refusal> {
     if *shutdown.borrow() || gw.admission.is_draining() {
-        return Err(Refusal::new(ErrorCode::Draining, "the gateway is draining; reconnect"));
+        return Err(Refusal::new(
+            ErrorCode::Draining,
+            "the gateway is draining; reconnect",
+        ));
     }
     if session.is_http2() {
-        return Err(Refusal::new(ErrorCode::BadUpgrade, "WebSocket over HTTP/2 is not supported"));
+        return Err(Refusal::new(
+            ErrorCode::BadUpgrade,
+            "WebSocket over HTTP/2 is not supported",
+        ));
     }
     let req = session.req_header();
     let handshake = handshake::validate(&req.method, req.version, &req.headers)
@@ -122,7 +134,11 @@ async fn admit(
     span.record("session_id", claims.session_id());
     span.record("user_id", claims.sub.as_str());
     span.record("pool", claims.pool_name());
-    tracing::debug!(event = "token_accepted", source = source.as_str(), "token accepted");
+    tracing::debug!(
+        event = "token_accepted",
+        source = source.as_str(),
+        "token accepted"
+    );
 
     let ticket = gw.admission.admit(&claims.sub)?;
     let placement = gw.router.place(config, &claims).await?;
@@ -131,9 +147,14 @@ async fn admit(
     let backend = match connect(&placement.backend).await {
         Ok(conn) => conn,
         Err(e) => {
-            gw.router.health().report_connect_failure(&placement.state, &e);
+            gw.router
+                .health()
+                .report_connect_failure(&placement.state, &e);
             tracing::warn!(event = "backend_connect_failed", error = %e, "backend connect failed");
-            return Err(Refusal::new(ErrorCode::BackendConnectFailed, "could not connect to the backend"));
+            return Err(Refusal::new(
+                ErrorCode::BackendConnectFailed,
+                "could not connect to the backend",
+            ));
         }
     };
     gw.metrics
@@ -141,7 +162,14 @@ async fn admit(
         .with_label_values(&[placement.pool.as_str()])
         .observe(connect_started.elapsed().as_secs_f64());
     let backend_session = placement.state.session_started();
-    Ok(Admitted { claims, handshake, placement, backend, _ticket: ticket, _backend_session: backend_session })
+    Ok(Admitted {
+        claims,
+        handshake,
+        placement,
+        backend,
+        _ticket: ticket,
+        _backend_session: backend_session,
+    })
 }
 
 async fn connect(backend: &BackendConfig) -> Result<BackendConn, String> {
@@ -161,16 +189,27 @@ async fn connect(backend: &BackendConfig) -> Result<BackendConn, String> {
                 .await
                 .map_err(|_| "websocket handshake timed out".to_owned())?
                 .map_err(|e| e.to_string())?;
-            Ok(BackendConn::WebSocket(ws))
+            Ok(BackendConn::WebSocket(Box::new(ws)))
         }
     }
 }
 
-async fn refuse(gw: &Arc<Gateway>, mut session: ServerSession, ip: Option<IpAddr>, refusal: Refusal) {
+async fn refuse(
+    gw: &Arc<Gateway>,
+    mut session: ServerSession,
+    ip: Option<IpAddr>,
+    refusal: Refusal,
+) {
     let code = refusal.code;
-    gw.metrics.upgrades_total.with_label_values(&[code.as_str()]).inc();
+    gw.metrics
+        .upgrades_total
+        .with_label_values(&[code.as_str()])
+        .inc();
     if code.is_auth_failure() {
-        gw.metrics.auth_failures_total.with_label_values(&[code.as_str()]).inc();
+        gw.metrics
+            .auth_failures_total
+            .with_label_values(&[code.as_str()])
+            .inc();
         if let Some(ip) = ip {
             gw.admission.record_auth_failure(ip);
         }
@@ -188,23 +227,42 @@ async fn refuse(gw: &Arc<Gateway>, mut session: ServerSession, ip: Option<IpAddr
     if code == ErrorCode::BadUpgrade {
         extra.push(("sec-websocket-version", "13".to_owned()));
     }
-    if code.status() == StatusCode::TOO_MANY_REQUESTS || code.status() == StatusCode::SERVICE_UNAVAILABLE {
+    if code.status() == StatusCode::TOO_MANY_REQUESTS
+        || code.status() == StatusCode::SERVICE_UNAVAILABLE
+    {
         extra.push(("retry-after", "5".to_owned()));
     }
     session.set_keepalive(None);
-    respond::send(session, code.status(), "application/json", refusal.body(), &extra).await;
+    respond::send(
+        session,
+        code.status(),
+        "application/json",
+        refusal.body(),
+        &extra,
+    )
+    .await;
 }
 
 /// Answer 101 and collect any bytes the client sent right behind the request (legal, and
 /// `into_inner` would drop them): they are the start of the WebSocket stream.
 async fn switch_protocols(session: &mut ServerSession, handshake: &Handshake) -> Option<Vec<u8>> {
     let mut resp = ResponseHeader::build(StatusCode::SWITCHING_PROTOCOLS, Some(4)).ok()?;
-    resp.insert_header(http::header::UPGRADE, "websocket").ok()?;
-    resp.insert_header(http::header::CONNECTION, "Upgrade").ok()?;
-    resp.insert_header(http::header::SEC_WEBSOCKET_ACCEPT, handshake.accept.as_str()).ok()?;
+    resp.insert_header(http::header::UPGRADE, "websocket")
+        .ok()?;
+    resp.insert_header(http::header::CONNECTION, "Upgrade")
+        .ok()?;
+    resp.insert_header(
+        http::header::SEC_WEBSOCKET_ACCEPT,
+        handshake.accept.as_str(),
+    )
+    .ok()?;
     if handshake.protocols.offered {
         // Only ever `binary`: the bearer entry is a credential and is never echoed.
-        resp.insert_header(http::header::SEC_WEBSOCKET_PROTOCOL, extract::BINARY_PROTOCOL).ok()?;
+        resp.insert_header(
+            http::header::SEC_WEBSOCKET_PROTOCOL,
+            extract::BINARY_PROTOCOL,
+        )
+        .ok()?;
     }
     session.write_response_header(Box::new(resp)).await.ok()?;
     let mut early = Vec::new();
@@ -233,10 +291,18 @@ async fn serve(
         // Frames go out as soon as they are written: RFB is latency-bound, and the bridge
         // already sends whole chunks.
         .write_buffer_size(0);
-    let ws = WebSocketStream::from_partially_read(stream, early, Role::Server, Some(ws_config)).await;
+    let ws =
+        WebSocketStream::from_partially_read(stream, early, Role::Server, Some(ws_config)).await;
 
     // The ticket and backend-session guard are held (by name) until the session ends.
-    let Admitted { claims, placement, backend, _ticket, _backend_session, .. } = admitted;
+    let Admitted {
+        claims,
+        placement,
+        backend,
+        _ticket,
+        _backend_session,
+        ..
+    } = admitted;
     let pool = placement.pool.as_str();
     let sid = claims.session_id().to_owned();
     let (_registration, control) = gw.sessions.register(SessionInfo {
@@ -251,7 +317,11 @@ async fn serve(
     });
     let active = gw.metrics.sessions_active.with_label_values(&[pool]);
     active.inc();
-    tracing::info!(event = "session_started", view_only = claims.view_only, "session started");
+    tracing::info!(
+        event = "session_started",
+        view_only = claims.view_only,
+        "session started"
+    );
     let started = Instant::now();
     let bridge_limits = BridgeLimits {
         ping_interval: limits.ping_interval,
@@ -268,7 +338,7 @@ async fn serve(
                     bridge::run(ws, r, w, &bridge_limits, &meters, control).await
                 }
                 BackendConn::WebSocket(bws) => {
-                    let (r, w) = backend::websocket(bws);
+                    let (r, w) = backend::websocket(*bws);
                     bridge::run(ws, r, w, &bridge_limits, &meters, control).await
                 }
             }
@@ -280,8 +350,14 @@ async fn serve(
     };
     active.dec();
     let code = outcome.end.code();
-    gw.metrics.disconnects_total.with_label_values(&[&code.as_u16().to_string()]).inc();
-    gw.metrics.session_duration.with_label_values(&[pool]).observe(started.elapsed().as_secs_f64());
+    gw.metrics
+        .disconnects_total
+        .with_label_values(&[&code.as_u16().to_string()])
+        .inc();
+    gw.metrics
+        .session_duration
+        .with_label_values(&[pool])
+        .observe(started.elapsed().as_secs_f64());
     // The pin outlives the session by the idle TTL from now.
     if let Err(e) = gw.router.store().refresh(&sid, gw.router.idle_ttl()).await {
         tracing::warn!(event = "store_error", op = "refresh", error = %e, "pin refresh failed");
@@ -289,7 +365,10 @@ async fn serve(
     tracing::info!(
         event = "session_ended",
         close_code = code.as_u16(),
-        closed_by = match outcome.end { bridge::EndReason::Client(_) => "client", bridge::EndReason::Gateway(_) => "gateway" },
+        closed_by = match outcome.end {
+            bridge::EndReason::Client(_) => "client",
+            bridge::EndReason::Gateway(_) => "gateway",
+        },
         bytes_in = outcome.bytes_in,
         bytes_out = outcome.bytes_out,
         duration_ms = started.elapsed().as_millis() as u64,
@@ -313,10 +392,18 @@ async fn keep_pin_alive(gw: &Arc<Gateway>, sid: &str) -> std::convert::Infallibl
 fn meters(gw: &Gateway) -> Meters {
     let m = &gw.metrics;
     Meters {
-        client_to_backend_bytes: m.relay_bytes_total.with_label_values(&["client_to_backend"]),
-        backend_to_client_bytes: m.relay_bytes_total.with_label_values(&["backend_to_client"]),
-        client_to_backend_wait: m.backpressure_wait_seconds_total.with_label_values(&["client_to_backend"]),
-        backend_to_client_wait: m.backpressure_wait_seconds_total.with_label_values(&["backend_to_client"]),
+        client_to_backend_bytes: m
+            .relay_bytes_total
+            .with_label_values(&["client_to_backend"]),
+        backend_to_client_bytes: m
+            .relay_bytes_total
+            .with_label_values(&["backend_to_client"]),
+        client_to_backend_wait: m
+            .backpressure_wait_seconds_total
+            .with_label_values(&["client_to_backend"]),
+        backend_to_client_wait: m
+            .backpressure_wait_seconds_total
+            .with_label_values(&["backend_to_client"]),
         buffered: m.relay_buffered_bytes.clone(),
     }
 }

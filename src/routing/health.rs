@@ -26,6 +26,8 @@ pub struct BackendState {
     pub pool: String,
     pub name: String,
     pub addr: BackendAddr,
+    /// How often this backend's pool checks it; `None` = no active checks.
+    check_interval: Option<Duration>,
     up: AtomicBool,
     failures: AtomicU32,
     sessions: AtomicUsize,
@@ -102,6 +104,7 @@ impl Health {
                     pool: pool_name.clone(),
                     name: b.name.clone(),
                     addr: b.addr.clone(),
+                    check_interval: pool.health_check_interval,
                     up: AtomicBool::new(true),
                     failures: AtomicU32::new(0),
                     sessions: AtomicUsize::new(0),
@@ -130,26 +133,33 @@ impl Health {
     }
 
     /// A failed connect on the data path counts as a failed check, so a dead backend stops
-    /// receiving new sessions before the next periodic check.
+    /// receiving new sessions before the next periodic check. Without active checks nothing
+    /// would ever mark it up again, so then the failure is only reported (as a 502).
     pub fn report_connect_failure(&self, state: &BackendState, why: &str) {
-        state.record(false, why);
+        if state.check_interval.is_some() {
+            state.record(false, why);
+        }
     }
 
-    /// Check every backend every `interval`, forever (a background task).
-    pub async fn run_checks(self: Arc<Self>, interval: Duration) {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            let checks = self.backends.values().map(|b| async move {
-                let target = (b.addr.host.as_str(), b.addr.port);
+    /// Check every actively checked backend at its pool's interval, forever (a background task).
+    pub async fn run_checks(self: Arc<Self>) {
+        let checks = self
+            .backends
+            .values()
+            .filter_map(|b| b.check_interval.map(|every| (Arc::clone(b), every)));
+        let loops = checks.map(|(backend, every)| async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let target = (backend.addr.host.as_str(), backend.addr.port);
                 match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
-                    Ok(Ok(_)) => b.record(true, ""),
-                    Ok(Err(e)) => b.record(false, &e.to_string()),
-                    Err(_) => b.record(false, "connect timed out"),
+                    Ok(Ok(_)) => backend.record(true, ""),
+                    Ok(Err(e)) => backend.record(false, &e.to_string()),
+                    Err(_) => backend.record(false, "connect timed out"),
                 }
-            });
-            futures_util::future::join_all(checks).await;
-        }
+            }
+        });
+        futures_util::future::join_all(loops).await;
     }
 }

@@ -63,12 +63,16 @@ impl SessionStore for MemoryStore {
             return Ok(existing.clone());
         }
         inner.sweep_if_grown();
-        inner.pins.insert(sid.to_owned(), (pin.clone(), Instant::now() + ttl));
+        inner
+            .pins
+            .insert(sid.to_owned(), (pin.clone(), Instant::now() + ttl));
         Ok(pin)
     }
 
     async fn replace(&self, sid: &str, pin: Pin, ttl: Duration) -> Result<(), StoreError> {
-        self.lock().pins.insert(sid.to_owned(), (pin, Instant::now() + ttl));
+        self.lock()
+            .pins
+            .insert(sid.to_owned(), (pin, Instant::now() + ttl));
         Ok(())
     }
 
@@ -90,22 +94,45 @@ mod tests {
     use super::*;
 
     fn pin(backend: &str, owner: &str) -> Pin {
-        Pin { backend: backend.into(), pool: "default".into(), owner: owner.into(), created_at_ms: 1, updated_at_ms: 1 }
+        Pin {
+            backend: backend.into(),
+            pool: "default".into(),
+            owner: owner.into(),
+            created_at_ms: 1,
+            updated_at_ms: 1,
+        }
     }
 
     #[tokio::test]
     async fn first_claim_wins() {
         let s = MemoryStore::new();
         let ttl = Duration::from_secs(60);
-        assert_eq!(s.claim("s1", pin("a", "u"), ttl).await.expect("claim").backend, "a");
-        assert_eq!(s.claim("s1", pin("b", "v"), ttl).await.expect("claim").backend, "a");
-        assert_eq!(s.get("s1").await.expect("get").map(|p| p.owner), Some("u".into()));
+        assert_eq!(
+            s.claim("s1", pin("a", "u"), ttl)
+                .await
+                .expect("claim")
+                .backend,
+            "a"
+        );
+        assert_eq!(
+            s.claim("s1", pin("b", "v"), ttl)
+                .await
+                .expect("claim")
+                .backend,
+            "a"
+        );
+        assert_eq!(
+            s.get("s1").await.expect("get").map(|p| p.owner),
+            Some("u".into())
+        );
     }
 
     #[tokio::test]
     async fn pins_expire_after_ttl() {
         let s = MemoryStore::new();
-        s.claim("s1", pin("a", "u"), Duration::ZERO).await.expect("claim");
+        s.claim("s1", pin("a", "u"), Duration::ZERO)
+            .await
+            .expect("claim");
         assert_eq!(s.get("s1").await.expect("get"), None);
     }
 }

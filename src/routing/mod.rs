@@ -53,7 +53,11 @@ pub struct Router {
 
 impl Router {
     pub fn new(store: Arc<dyn SessionStore>, health: Arc<Health>, idle_ttl: Duration) -> Router {
-        Router { store, health, idle_ttl }
+        Router {
+            store,
+            health,
+            idle_ttl,
+        }
     }
 
     pub fn health(&self) -> &Arc<Health> {
@@ -133,23 +137,39 @@ impl Router {
             return Ok(None);
         };
         if state.is_up() {
-            return Ok(Some(Placement { pool: pool_name.to_owned(), backend: backend.clone(), state: Arc::clone(state) }));
+            return Ok(Some(Placement {
+                pool: pool_name.to_owned(),
+                backend: backend.clone(),
+                state: Arc::clone(state),
+            }));
         }
         if !pool.failover || claims.backend.is_some() {
             return Err(RoutingError::BackendUnavailable(backend.name.clone()));
         }
         let chosen = self.choose(pool_name, pool, claims)?;
         let now = store::unix_ms();
-        let repin = Pin { backend: chosen.backend.name.clone(), updated_at_ms: now, ..pin.clone() };
+        let repin = Pin {
+            backend: chosen.backend.name.clone(),
+            updated_at_ms: now,
+            ..pin.clone()
+        };
         // Best effort: if the store is away, the new pin lives in this placement only.
-        let _ = self.store.replace(claims.session_id(), repin, self.idle_ttl).await;
+        let _ = self
+            .store
+            .replace(claims.session_id(), repin, self.idle_ttl)
+            .await;
         tracing::info!(event = "session_repinned", pool = pool_name, backend = %chosen.backend.name,
             session_id = claims.session_id(), "pinned backend {} is down; failover", backend.name);
         Ok(Some(chosen))
     }
 
     /// A healthy backend for a new session: the one the token names, else the least loaded.
-    fn choose(&self, pool_name: &str, pool: &PoolConfig, claims: &Claims) -> Result<Placement, RoutingError> {
+    fn choose(
+        &self,
+        pool_name: &str,
+        pool: &PoolConfig,
+        claims: &Claims,
+    ) -> Result<Placement, RoutingError> {
         let healthy: Vec<(&BackendConfig, &Arc<BackendState>)> = pool
             .backends
             .iter()
@@ -162,8 +182,10 @@ impl Router {
                 .find(|(b, _)| &b.name == name)
                 .ok_or_else(|| RoutingError::BackendUnavailable(name.clone()))?,
             None => {
-                let candidates: Vec<(&str, usize)> =
-                    healthy.iter().map(|(b, s)| (b.name.as_str(), s.sessions())).collect();
+                let candidates: Vec<(&str, usize)> = healthy
+                    .iter()
+                    .map(|(b, s)| (b.name.as_str(), s.sessions()))
+                    .collect();
                 let name = placement::least_loaded(claims.session_id(), &candidates)
                     .ok_or_else(|| RoutingError::NoHealthyBackend(pool_name.to_owned()))?;
                 healthy
@@ -172,6 +194,10 @@ impl Router {
                     .ok_or_else(|| RoutingError::NoHealthyBackend(pool_name.to_owned()))?
             }
         };
-        Ok(Placement { pool: pool_name.to_owned(), backend: pick.0.clone(), state: Arc::clone(pick.1) })
+        Ok(Placement {
+            pool: pool_name.to_owned(),
+            backend: pick.0.clone(),
+            state: Arc::clone(pick.1),
+        })
     }
 }

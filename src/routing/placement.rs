@@ -25,7 +25,10 @@ mod tests {
 
     #[test]
     fn fewest_sessions_wins() {
-        assert_eq!(least_loaded("s", &[("a", 3), ("b", 1), ("c", 2)]), Some("b"));
+        assert_eq!(
+            least_loaded("s", &[("a", 3), ("b", 1), ("c", 2)]),
+            Some("b")
+        );
     }
 
     #[test]
@@ -37,7 +40,11 @@ mod tests {
         for i in 0..64 {
             seen.insert(least_loaded(&format!("sid-{i}"), &backends));
         }
-        assert_eq!(seen.len(), 3, "64 sessions over 3 idle backends should use all three");
+        assert_eq!(
+            seen.len(),
+            3,
+            "64 sessions over 3 idle backends should use all three"
+        );
     }
 
     #[test]

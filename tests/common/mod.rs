@@ -41,7 +41,11 @@ pub struct BackendSpec {
 
 impl BackendSpec {
     pub fn rfb(name: &str, addr: impl ToString) -> Self {
-        BackendSpec { name: name.into(), addr: addr.to_string(), websocket_path: None }
+        BackendSpec {
+            name: name.into(),
+            addr: addr.to_string(),
+            websocket_path: None,
+        }
     }
 }
 
@@ -52,12 +56,23 @@ pub struct GatewayConfig {
     pub web_root: Option<PathBuf>,
     /// Extra YAML appended verbatim (e.g. a `limits:` section).
     pub extra: String,
+    /// Extra YAML keys of the `default` pool, one per line, already indented by 4 spaces.
+    pub pool_extra: String,
     pub drain_seconds: u64,
 }
 
 impl GatewayConfig {
     pub fn new(backends: Vec<BackendSpec>) -> Self {
-        GatewayConfig { backends, tls: None, web_root: None, extra: String::new(), drain_seconds: 5 }
+        // Active health checks off by default: their connects would show up in the backend
+        // fixtures' connection counts and digests. Tests about health turn them on.
+        GatewayConfig {
+            backends,
+            tls: None,
+            web_root: None,
+            extra: String::new(),
+            pool_extra: "    health_check_interval_seconds: 0\n".into(),
+            drain_seconds: 5,
+        }
     }
 }
 
@@ -79,7 +94,10 @@ impl Gateway {
         let mut backends = String::new();
         for b in &cfg.backends {
             match &b.websocket_path {
-                None => backends.push_str(&format!("      - {{ name: {}, addr: \"{}\" }}\n", b.name, b.addr)),
+                None => backends.push_str(&format!(
+                    "      - {{ name: {}, addr: \"{}\" }}\n",
+                    b.name, b.addr
+                )),
                 Some(p) => backends.push_str(&format!(
                     "      - {{ name: {}, addr: \"{}\", protocol: websocket, path: \"{}\" }}\n",
                     b.name, b.addr, p
@@ -94,7 +112,11 @@ impl Gateway {
                 key.display()
             ),
         };
-        let web_root = cfg.web_root.as_ref().map(|p| format!("\"{}\"", p.display())).unwrap_or("null".into());
+        let web_root = cfg
+            .web_root
+            .as_ref()
+            .map(|p| format!("\"{}\"", p.display()))
+            .unwrap_or("null".into());
         let yaml = format!(
             "server:\n  threads: 2\n  drain_seconds: {drain}\n  pid_file: \"{d}/vncgate.pid\"\n  upgrade_sock: \"{d}/upgrade.sock\"\n\
              listeners:\n{listener}\
@@ -102,11 +124,12 @@ impl Gateway {
              web_root: {web_root}\n\
              admin:\n  addr: \"127.0.0.1:{admin_port}\"\n  token_env: VNCGATE_ADMIN_TOKEN\n\
              auth:\n  algorithms: [HS256]\n  secret_env: VNCGATE_JWT_SECRET\n\
-             pools:\n  default:\n    backends:\n{backends}\
+             pools:\n  default:\n{pool_extra}    backends:\n{backends}\
              logging:\n  format: json\n  level: debug\n{extra}",
             drain = cfg.drain_seconds,
             d = dir.path().display(),
             extra = cfg.extra,
+            pool_extra = cfg.pool_extra,
         );
         let config_path = dir.path().join("vncgate.yaml");
         std::fs::write(&config_path, yaml).expect("write config");
@@ -143,9 +166,21 @@ impl Gateway {
                 logged.notify_waiters();
             });
         }
-        let gw = Gateway { child, port, admin_port, dir, logs, raw_logs, logged };
-        gw.wait_log(|v| v["event"] == "listening" && v["addr"] == format!("127.0.0.1:{port}")).await;
-        gw.wait_log(|v| v["event"] == "listening" && v["addr"] == format!("127.0.0.1:{admin_port}")).await;
+        let gw = Gateway {
+            child,
+            port,
+            admin_port,
+            dir,
+            logs,
+            raw_logs,
+            logged,
+        };
+        gw.wait_log(|v| v["event"] == "listening" && v["addr"] == format!("127.0.0.1:{port}"))
+            .await;
+        gw.wait_log(|v| {
+            v["event"] == "listening" && v["addr"] == format!("127.0.0.1:{admin_port}")
+        })
+        .await;
         gw
     }
 
@@ -161,7 +196,14 @@ impl Gateway {
                 let notified = self.logged.notified();
                 tokio::pin!(notified);
                 notified.as_mut().enable();
-                let found: Vec<Value> = self.logs.lock().expect("logs").iter().filter(|v| pred(v)).cloned().collect();
+                let found: Vec<Value> = self
+                    .logs
+                    .lock()
+                    .expect("logs")
+                    .iter()
+                    .filter(|v| pred(v))
+                    .cloned()
+                    .collect();
                 if found.len() >= n {
                     return found;
                 }
@@ -170,7 +212,10 @@ impl Gateway {
         };
         match tokio::time::timeout(EVENT_TIMEOUT, wait).await {
             Ok(v) => v,
-            Err(_) => panic!("log event did not arrive; logs:\n{}", self.raw_logs().join("\n")),
+            Err(_) => panic!(
+                "log event did not arrive; logs:\n{}",
+                self.raw_logs().join("\n")
+            ),
         }
     }
 
@@ -213,7 +258,10 @@ impl Gateway {
     pub async fn metric(&self, series: &str) -> f64 {
         let (_, body) = self.admin_get("/metrics").await;
         body.lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or_else(|| panic!("series {series} not in /metrics:\n{body}"))
     }
@@ -222,7 +270,9 @@ impl Gateway {
 /// A minimal HTTP/1.1 GET over a fresh connection: (status, body).
 pub async fn http_get(port: u16, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
     let mut req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
@@ -232,8 +282,15 @@ pub async fn http_get(port: u16, path: &str, headers: &[(&str, &str)]) -> (u16, 
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await.expect("read");
     let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status line");
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
     (status, body)
 }
 

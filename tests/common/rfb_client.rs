@@ -47,7 +47,12 @@ pub struct WsConnect {
 
 impl WsConnect {
     pub fn new(url: impl Into<String>) -> WsConnect {
-        WsConnect { url: url.into(), headers: Vec::new(), subprotocols: Vec::new(), tls: None }
+        WsConnect {
+            url: url.into(),
+            headers: Vec::new(),
+            subprotocols: Vec::new(),
+            tls: None,
+        }
     }
 }
 
@@ -79,7 +84,9 @@ impl ClientStream {
     }
 
     fn share(&self) -> ClientStream {
-        ClientStream { inner: self.inner.clone() }
+        ClientStream {
+            inner: self.inner.clone(),
+        }
     }
 }
 
@@ -134,7 +141,10 @@ pub async fn connect(c: &WsConnect) -> Result<(WsClient, Response), WsError> {
     let mut request = c.url.as_str().into_client_request()?;
     let mut custom = Vec::with_capacity(c.headers.len());
     for (name, value) in &c.headers {
-        custom.push((HeaderName::from_bytes(name.as_bytes())?, HeaderValue::from_str(value)?));
+        custom.push((
+            HeaderName::from_bytes(name.as_bytes())?,
+            HeaderValue::from_str(value)?,
+        ));
     }
     for (name, _) in &custom {
         request.headers_mut().remove(name);
@@ -144,7 +154,9 @@ pub async fn connect(c: &WsConnect) -> Result<(WsClient, Response), WsError> {
     }
     if !c.subprotocols.is_empty() {
         let offered = HeaderValue::from_str(&c.subprotocols.join(", "))?;
-        request.headers_mut().insert(SEC_WEBSOCKET_PROTOCOL, offered);
+        request
+            .headers_mut()
+            .insert(SEC_WEBSOCKET_PROTOCOL, offered);
     }
 
     let uri = request.uri();
@@ -155,7 +167,9 @@ pub async fn connect(c: &WsConnect) -> Result<(WsClient, Response), WsError> {
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_string();
-    let port = uri.port_u16().unwrap_or(if secure_scheme { 443 } else { 80 });
+    let port = uri
+        .port_u16()
+        .unwrap_or(if secure_scheme { 443 } else { 80 });
 
     let tcp = TcpStream::connect((host.as_str(), port)).await?;
     // Latency assertions would otherwise measure Nagle's delay on small RFB messages.
@@ -164,7 +178,9 @@ pub async fn connect(c: &WsConnect) -> Result<(WsClient, Response), WsError> {
         Some(config) => {
             let name = ServerName::try_from(host.clone())
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-            let tls = TlsConnector::from(config.clone()).connect(name, tcp).await?;
+            let tls = TlsConnector::from(config.clone())
+                .connect(name, tcp)
+                .await?;
             Transport::Tls(Box::new(tls))
         }
         None if secure_scheme => {
@@ -175,11 +191,14 @@ pub async fn connect(c: &WsConnect) -> Result<(WsClient, Response), WsError> {
         }
         None => Transport::Plain(tcp),
     };
-    let stream = ClientStream { inner: Arc::new(Mutex::new(transport)) };
+    let stream = ClientStream {
+        inner: Arc::new(Mutex::new(transport)),
+    };
     let body_reader = stream.share();
 
-    let config =
-        WebSocketConfig::default().max_message_size(Some(1 << 30)).max_frame_size(Some(1 << 30));
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(1 << 30))
+        .max_frame_size(Some(1 << 30));
     match tokio_tungstenite::client_async_with_config(request, stream, Some(config)).await {
         Err(WsError::Http(mut response)) => {
             complete_error_body(&mut response, body_reader).await;
@@ -259,7 +278,9 @@ fn decode_chunked(raw: &[u8]) -> Option<Vec<u8>> {
 /// Status and JSON `error` field of a rejected handshake (the raw body text when the body is
 /// not JSON with a string `error`); `None` for any other error.
 pub fn error_code(e: &WsError) -> Option<(u16, String)> {
-    let WsError::Http(response) = e else { return None };
+    let WsError::Http(response) = e else {
+        return None;
+    };
     let body = response.body().as_deref().unwrap_or(&[]);
     let message = serde_json::from_slice::<serde_json::Value>(body)
         .ok()
@@ -310,16 +331,24 @@ impl std::error::Error for ClosedByPeer {}
 
 /// The Close frame that ended the stream, if `e` came from one.
 pub fn close_frame(e: &io::Error) -> Option<CloseFrame> {
-    e.get_ref()?.downcast_ref::<ClosedByPeer>().map(|c| c.0.clone())
+    e.get_ref()?
+        .downcast_ref::<ClosedByPeer>()
+        .map(|c| c.0.clone())
 }
 
 /// RFC 6455 §7.1.5: a Close frame without a status code is reported as 1005.
 fn close_or_no_status(frame: Option<CloseFrame>) -> CloseFrame {
-    frame.unwrap_or(CloseFrame { code: CloseCode::Status, reason: "".into() })
+    frame.unwrap_or(CloseFrame {
+        code: CloseCode::Status,
+        reason: "".into(),
+    })
 }
 
 fn closed_error(frame: Option<CloseFrame>) -> io::Error {
-    io::Error::new(io::ErrorKind::ConnectionAborted, ClosedByPeer(close_or_no_status(frame)))
+    io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        ClosedByPeer(close_or_no_status(frame)),
+    )
 }
 
 /// Next binary payload; control frames are skipped (tungstenite answers pings itself).
@@ -348,7 +377,9 @@ async fn send_binary<W>(tx: &mut W, data: Vec<u8>) -> io::Result<()>
 where
     W: Sink<Message, Error = WsError> + Unpin,
 {
-    tx.send(Message::binary(data)).await.map_err(io::Error::other)
+    tx.send(Message::binary(data))
+        .await
+        .map_err(io::Error::other)
 }
 
 /// RFB bytes received but not yet parsed: message boundaries of the two protocols are unrelated.
@@ -442,13 +473,19 @@ where
     let mut rx = RxBuf::default();
     let version = rx.take(ws, 12).await?.to_vec();
     let parse = |r: std::ops::Range<usize>| {
-        std::str::from_utf8(&version[r]).ok().and_then(|s| s.parse::<u32>().ok())
+        std::str::from_utf8(&version[r])
+            .ok()
+            .and_then(|s| s.parse::<u32>().ok())
     };
     let (major, minor) = match (&version[..4], parse(4..7), parse(8..11)) {
         (b"RFB ", Some(major), Some(minor)) if version[7] == b'.' && version[11] == b'\n' => {
             (major, minor)
         }
-        _ => return Err(protocol_error(format!("not an RFB ProtocolVersion: {version:?}"))),
+        _ => {
+            return Err(protocol_error(format!(
+                "not an RFB ProtocolVersion: {version:?}"
+            )));
+        }
     };
     let minor_version = match (major, minor) {
         (3, m) if m >= 8 => 8,
@@ -463,15 +500,23 @@ where
             1 => {}
             0 => {
                 let reason = rx.string(ws).await?;
-                return Err(protocol_error(format!("server refused the connection: {reason}")));
+                return Err(protocol_error(format!(
+                    "server refused the connection: {reason}"
+                )));
             }
-            other => return Err(protocol_error(format!("server requires security type {other}"))),
+            other => {
+                return Err(protocol_error(format!(
+                    "server requires security type {other}"
+                )));
+            }
         }
     } else {
         let count = rx.u8(ws).await? as usize;
         if count == 0 {
             let reason = rx.string(ws).await?;
-            return Err(protocol_error(format!("server refused the connection: {reason}")));
+            return Err(protocol_error(format!(
+                "server refused the connection: {reason}"
+            )));
         }
         let offered = rx.take(ws, count).await?.to_vec();
         if !offered.contains(&1) {
@@ -484,7 +529,9 @@ where
             let result = rx.u32(ws).await?;
             if result != 0 {
                 let reason = rx.string(ws).await?;
-                return Err(protocol_error(format!("security handshake failed: {reason}")));
+                return Err(protocol_error(format!(
+                    "security handshake failed: {reason}"
+                )));
             }
         }
     }
@@ -531,8 +578,12 @@ where
     let mut set_pixel_format = vec![0u8, 0, 0, 0];
     set_pixel_format.extend_from_slice(&[32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16, 8, 0, 0, 0, 0]);
     let set_encodings = vec![2u8, 0, 0, 1, 0, 0, 0, 0];
-    ws.feed(Message::binary(set_pixel_format)).await.map_err(io::Error::other)?;
-    ws.feed(Message::binary(set_encodings)).await.map_err(io::Error::other)?;
+    ws.feed(Message::binary(set_pixel_format))
+        .await
+        .map_err(io::Error::other)?;
+    ws.feed(Message::binary(set_encodings))
+        .await
+        .map_err(io::Error::other)?;
     framebuffer_update(ws, session, false).await
 }
 
@@ -575,7 +626,11 @@ where
                 let len = session.rx.u8(ws).await? as usize;
                 session.rx.skip(ws, len).await?;
             }
-            other => return Err(protocol_error(format!("unexpected RFB server message {other}"))),
+            other => {
+                return Err(protocol_error(format!(
+                    "unexpected RFB server message {other}"
+                )));
+            }
         }
     }
 }
@@ -625,12 +680,22 @@ where
                 session.width = w;
                 session.height = h;
             }
-            other => return Err(protocol_error(format!("unsupported encoding {other} in update"))),
+            other => {
+                return Err(protocol_error(format!(
+                    "unsupported encoding {other} in update"
+                )));
+            }
         }
     }
-    let first_pixel_rgb =
-        origin.or(first).ok_or_else(|| protocol_error("FramebufferUpdate carried no pixels"))?;
-    Ok(FramebufferInfo { rects, first_pixel_rgb, pixels, elapsed: Duration::ZERO })
+    let first_pixel_rgb = origin
+        .or(first)
+        .ok_or_else(|| protocol_error("FramebufferUpdate carried no pixels"))?;
+    Ok(FramebufferInfo {
+        rects,
+        first_pixel_rgb,
+        pixels,
+        elapsed: Duration::ZERO,
+    })
 }
 
 pub async fn send_key_event<W>(tx: &mut W, keysym: u32, down: bool) -> io::Result<()>
@@ -682,7 +747,10 @@ where
     W: Sink<Message, Error = WsError> + Unpin,
 {
     if message_size == 0 {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "message_size must be positive"));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "message_size must be positive",
+        ));
     }
     let mut source = FloodGen::new(FLOOD_SEED);
     let mut hasher = Sha256::new();
@@ -709,7 +777,9 @@ where
         let chunk = recv_binary(rx).await?;
         got += chunk.len() as u64;
         if got > total {
-            return Err(protocol_error(format!("received {got} bytes, expected {total}")));
+            return Err(protocol_error(format!(
+                "received {got} bytes, expected {total}"
+            )));
         }
         hasher.update(&chunk);
     }

@@ -27,7 +27,12 @@ pub enum Mode {
     /// `rgb`, encoded in whatever pixel format the client last set. Incremental requests are
     /// held, as a real server holds them until something changes, and nothing ever changes
     /// here: answering them would make noVNC spin on full frames.
-    Rfb { name: String, width: u16, height: u16, rgb: [u8; 3] },
+    Rfb {
+        name: String,
+        width: u16,
+        height: u16,
+        rgb: [u8; 3],
+    },
     /// Sends `total` bytes of the `FloodGen` stream in 64 KiB chunks while reading, hashing and
     /// discarding everything the peer sends until EOF. The write side stays open after the
     /// flood ends: a half-close would let a bridge tear the session down before the peer's
@@ -88,19 +93,23 @@ impl Stats {
     }
 
     pub async fn wait_connections(&self, at_least: u64) {
-        self.wait_for(|s| (s.connections.load(Ordering::SeqCst) >= at_least).then_some(())).await
+        self.wait_for(|s| (s.connections.load(Ordering::SeqCst) >= at_least).then_some(()))
+            .await
     }
 
     pub async fn wait_closed(&self, at_least: u64) {
-        self.wait_for(|s| (s.closed.load(Ordering::SeqCst) >= at_least).then_some(())).await
+        self.wait_for(|s| (s.closed.load(Ordering::SeqCst) >= at_least).then_some(()))
+            .await
     }
 
     pub async fn wait_write_blocked(&self, at_least: u64) {
-        self.wait_for(|s| (s.write_blocked.load(Ordering::SeqCst) >= at_least).then_some(())).await
+        self.wait_for(|s| (s.write_blocked.load(Ordering::SeqCst) >= at_least).then_some(()))
+            .await
     }
 
     pub async fn wait_bytes_read(&self, at_least: u64) {
-        self.wait_for(|s| (s.bytes_read.load(Ordering::SeqCst) >= at_least).then_some(())).await
+        self.wait_for(|s| (s.bytes_read.load(Ordering::SeqCst) >= at_least).then_some(()))
+            .await
     }
 
     async fn wait_for<T>(&self, check: impl Fn(&Self) -> Option<T>) -> T {
@@ -142,7 +151,11 @@ impl RfbServer {
         let stats = Arc::new(Stats::default());
         let mode = Arc::new(mode);
         let accept_loop = tokio::spawn(accept_loop(listener, mode, stats.clone()));
-        Ok(RfbServer { addr, stats, accept_loop })
+        Ok(RfbServer {
+            addr,
+            stats,
+            accept_loop,
+        })
     }
 
     pub fn stats(&self) -> &Stats {
@@ -181,12 +194,20 @@ async fn accept_loop(listener: TcpListener, mode: Arc<Mode>, stats: Arc<Stats>) 
 async fn serve(stream: TcpStream, index: u64, mode: Arc<Mode>, stats: Arc<Stats>) {
     let _ = stream.set_nodelay(true);
     let (rd, wr) = stream.into_split();
-    let mut conn = Conn { rd, wr, hasher: Sha256::new(), stats: stats.clone() };
+    let mut conn = Conn {
+        rd,
+        wr,
+        hasher: Sha256::new(),
+        stats: stats.clone(),
+    };
     // Errors end the connection; the counters and digest are what tests look at.
     let _ = match &*mode {
-        Mode::Rfb { name, width, height, rgb } => {
-            serve_rfb(&mut conn, name, *width, *height, *rgb).await
-        }
+        Mode::Rfb {
+            name,
+            width,
+            height,
+            rgb,
+        } => serve_rfb(&mut conn, name, *width, *height, *rgb).await,
         Mode::Flood { total } => serve_flood(&mut conn, *total).await,
         Mode::Echo => serve_echo(&mut conn).await,
         Mode::CloseAfterHandshake { name } => serve_close_after_handshake(&mut conn, name).await,
@@ -273,7 +294,12 @@ async fn write_counted(wr: &OwnedWriteHalf, mut buf: &[u8], stats: &Stats) -> io
 }
 
 async fn serve_flood(conn: &mut Conn, total: u64) -> io::Result<()> {
-    let Conn { rd, wr, hasher, stats } = conn;
+    let Conn {
+        rd,
+        wr,
+        hasher,
+        stats,
+    } = conn;
     let send = async {
         let mut source = FloodGen::new(FLOOD_SEED);
         let mut chunk = vec![0u8; FLOOD_CHUNK];
@@ -365,7 +391,9 @@ impl PixelFormat {
 
     fn encode(self, rgb: [u8; 3]) -> io::Result<Vec<u8>> {
         if !self.true_colour {
-            return Err(io::Error::other("fixture only serves true-colour pixel formats"));
+            return Err(io::Error::other(
+                "fixture only serves true-colour pixel formats",
+            ));
         }
         let mut value: u32 = 0;
         for ((c, max), shift) in rgb.into_iter().zip(self.max).zip(self.shift) {
@@ -378,7 +406,11 @@ impl PixelFormat {
             16 => (value as u16).to_le_bytes().to_vec(),
             32 if self.big_endian => value.to_be_bytes().to_vec(),
             32 => value.to_le_bytes().to_vec(),
-            other => return Err(io::Error::other(format!("unsupported bits-per-pixel {other}"))),
+            other => {
+                return Err(io::Error::other(format!(
+                    "unsupported bits-per-pixel {other}"
+                )));
+            }
         };
         Ok(bytes)
     }
@@ -394,7 +426,11 @@ async fn rfb_handshake(conn: &mut Conn, width: u16, height: u16, name: &str) -> 
         b"RFB 003.008\n" => 8,
         b"RFB 003.007\n" => 7,
         v if v.starts_with(b"RFB ") => 3,
-        _ => return Err(io::Error::other("client did not send an RFB ProtocolVersion")),
+        _ => {
+            return Err(io::Error::other(
+                "client did not send an RFB ProtocolVersion",
+            ));
+        }
     };
     if minor == 3 {
         conn.write_all(&1u32.to_be_bytes()).await?;
@@ -409,7 +445,9 @@ async fn rfb_handshake(conn: &mut Conn, width: u16, height: u16, name: &str) -> 
                 msg.extend_from_slice(reason);
                 conn.write_all(&msg).await?;
             }
-            return Err(io::Error::other(format!("client chose security type {chosen}")));
+            return Err(io::Error::other(format!(
+                "client chose security type {chosen}"
+            )));
         }
         if minor == 8 {
             conn.write_all(&0u32.to_be_bytes()).await?;
@@ -502,7 +540,9 @@ async fn serve_rfb(
                 counts.bump(&m.other, 1);
             }
             other => {
-                return Err(io::Error::other(format!("unknown RFB client message type {other}")));
+                return Err(io::Error::other(format!(
+                    "unknown RFB client message type {other}"
+                )));
             }
         }
     }
@@ -543,7 +583,11 @@ impl FloodGen {
     pub fn new(seed: u64) -> FloodGen {
         // xorshift has a fixed point at zero.
         let state = if seed == 0 { FLOOD_SEED } else { seed };
-        FloodGen { state, word: [0; 8], used: 8 }
+        FloodGen {
+            state,
+            word: [0; 8],
+            used: 8,
+        }
     }
 
     fn next_word(&mut self) -> [u8; 8] {

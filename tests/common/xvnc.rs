@@ -99,7 +99,9 @@ impl Xvnc {
 
         let Some(stdout) = child.stdout.take() else {
             stop(child, display);
-            return Err(Failure::Fatal(io::Error::other("Xvnc stdout was not piped")));
+            return Err(Failure::Fatal(io::Error::other(
+                "Xvnc stdout was not piped",
+            )));
         };
         let (tx, rx) = mpsc::channel();
         thread::spawn(move || {

@@ -1,0 +1,305 @@
+//! The bridge through the real gateway: bulk integrity both ways, bounded buffering under a
+//! slow reader, close codes, bytes that arrive together with the upgrade request, wss://, and
+//! the SIGTERM drain.
+
+mod common;
+
+use std::time::Instant;
+
+use common::rfb_client::{self, WsConnect};
+use common::rfb_server::{Mode, RfbServer, flood_stream_sha256};
+use common::{BackendSpec, Gateway, GatewayConfig, token};
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+
+const MIB: u64 = 1024 * 1024;
+
+async fn gateway_for(backend: &RfbServer) -> Gateway {
+    Gateway::start(GatewayConfig::new(vec![BackendSpec::rfb(
+        "desk",
+        backend.addr,
+    )]))
+    .await
+}
+
+async fn open(gw: &Gateway, sub: &str) -> rfb_client::WsClient {
+    let c = WsConnect::new(gw.ws_url(&format!("?token={}", token(sub, None))));
+    rfb_client::connect(&c).await.expect("upgrade").0
+}
+
+#[tokio::test]
+async fn bulk_256_mib_each_way_arrives_intact() {
+    let total = 256 * MIB;
+    let backend = RfbServer::start(Mode::Flood { total })
+        .await
+        .expect("fixture");
+    let gw = gateway_for(&backend).await;
+    let ws = open(&gw, "bulk").await;
+    let (mut tx, mut rx) = ws.split();
+    let started = Instant::now();
+    let (sent, received) = tokio::join!(
+        rfb_client::send_all_and_hash(&mut tx, total, 64 * 1024),
+        rfb_client::recv_exact_and_hash(&mut rx, total),
+    );
+    let elapsed = started.elapsed();
+    let sent = sent.expect("send");
+    assert_eq!(
+        received.expect("receive"),
+        flood_stream_sha256(total),
+        "backend -> client corrupted"
+    );
+    tx.close().await.expect("close");
+    assert_eq!(
+        backend.stats().wait_read_digest().await,
+        sent,
+        "client -> backend corrupted"
+    );
+    // A figure for the record, never asserted: debug build, both directions at once.
+    eprintln!(
+        "bulk: {} MiB each way in {:.2?} ({:.0} MB/s per direction, debug build)",
+        total / MIB,
+        elapsed,
+        total as f64 / 1e6 / elapsed.as_secs_f64()
+    );
+    let ended = gw.wait_log(|v| v["event"] == "session_ended").await;
+    assert_eq!(ended["bytes_in"], total);
+    assert_eq!(ended["bytes_out"], total);
+    assert_eq!(
+        gw.metric("vncgate_relay_bytes_total{direction=\"client_to_backend\"}")
+            .await,
+        total as f64
+    );
+    assert_eq!(
+        gw.metric("vncgate_relay_bytes_total{direction=\"backend_to_client\"}")
+            .await,
+        total as f64
+    );
+}
+
+#[tokio::test]
+async fn slow_reader_stalls_the_backend_without_buffering() {
+    let total = 64 * MIB;
+    let backend = RfbServer::start(Mode::Flood { total })
+        .await
+        .expect("fixture");
+    let gw = gateway_for(&backend).await;
+    let mut ws = open(&gw, "slow").await;
+    // The client reads nothing; the backend writes until its socket buffer is full.
+    backend.stats().wait_write_blocked(1).await;
+    let buffered = gw.metric("vncgate_relay_buffered_bytes").await;
+    let relayed = gw
+        .metric("vncgate_relay_bytes_total{direction=\"backend_to_client\"}")
+        .await;
+    assert!(
+        buffered <= 64.0 * 1024.0,
+        "gateway holds {buffered} bytes for a client that does not read"
+    );
+    let written = backend
+        .stats()
+        .bytes_written
+        .load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        written < total,
+        "the backend could write everything: nothing pushed back"
+    );
+    eprintln!(
+        "slow reader: backend blocked after {} KiB, gateway holds {buffered} bytes, relayed {relayed}",
+        written / 1024
+    );
+    // Reading resumes: every byte still arrives, in order.
+    let digest = rfb_client::recv_exact_and_hash(&mut ws, total)
+        .await
+        .expect("receive");
+    assert_eq!(digest, flood_stream_sha256(total));
+}
+
+#[tokio::test]
+async fn backend_close_is_1000() {
+    let backend = RfbServer::start(Mode::CloseAfterHandshake {
+        name: "brief".into(),
+    })
+    .await
+    .expect("fixture");
+    let gw = gateway_for(&backend).await;
+    let mut ws = open(&gw, "alice").await;
+    rfb_client::rfb_handshake(&mut ws).await.expect("handshake");
+    let frame = rfb_client::read_close(&mut ws).await.expect("close frame");
+    assert_eq!(u16::from(frame.code), 1000);
+    let ended = gw.wait_log(|v| v["event"] == "session_ended").await;
+    assert_eq!(ended["close_code"], 1000);
+    assert_eq!(
+        gw.metric("vncgate_disconnects_total{code=\"1000\"}").await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn backend_unreachable_is_502() {
+    let dead = format!("127.0.0.1:{}", common::free_port());
+    // Active checks are off in the test config: this is the data path's own connect failure.
+    let gw = Gateway::start(GatewayConfig::new(vec![BackendSpec::rfb("gone", dead)])).await;
+    let c = WsConnect::new(gw.ws_url(&format!("?token={}", token("alice", None))));
+    let err = rfb_client::connect(&c).await.err().expect("refused");
+    assert_eq!(
+        rfb_client::error_code(&err),
+        Some((502, "backend_connect_failed".into()))
+    );
+}
+
+#[tokio::test]
+async fn text_frames_and_oversized_messages_are_refused_with_their_codes() {
+    let backend = RfbServer::start(Mode::Echo).await.expect("fixture");
+    let mut cfg = GatewayConfig::new(vec![BackendSpec::rfb("echo", backend.addr)]);
+    cfg.extra = "limits:\n  max_message_bytes: 1024\n".into();
+    let gw = Gateway::start(cfg).await;
+
+    let mut ws = open(&gw, "texter").await;
+    ws.send(Message::text("hello")).await.expect("send");
+    assert_eq!(
+        u16::from(rfb_client::read_close(&mut ws).await.expect("close").code),
+        1003
+    );
+
+    let mut ws = open(&gw, "bigger").await;
+    ws.send(Message::binary(vec![7u8; 100]))
+        .await
+        .expect("send small");
+    let echoed = ws.next().await.expect("echo").expect("message");
+    assert_eq!(echoed.into_data().len(), 100, "small messages pass");
+    ws.send(Message::binary(vec![7u8; 2048]))
+        .await
+        .expect("send big");
+    let frame = rfb_client::read_close(&mut ws).await.expect("close");
+    assert_eq!(u16::from(frame.code), 1009);
+    gw.wait_logs(2, |v| v["event"] == "session_ended").await;
+    assert_eq!(
+        gw.metric("vncgate_disconnects_total{code=\"1003\"}").await,
+        1.0
+    );
+    assert_eq!(
+        gw.metric("vncgate_disconnects_total{code=\"1009\"}").await,
+        1.0
+    );
+}
+
+/// Mask a client frame (RFC 6455 §5.3) by hand: the point is to put it in the same TCP write
+/// as the upgrade request, which no WebSocket client library does.
+fn masked_binary_frame(payload: &[u8]) -> Vec<u8> {
+    assert!(payload.len() < 126);
+    let mask = [0x11u8, 0x22, 0x33, 0x44];
+    let mut frame = vec![0x82, 0x80 | payload.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+#[tokio::test]
+async fn bytes_sent_with_the_upgrade_request_are_not_lost() {
+    let backend = RfbServer::start(Mode::Echo).await.expect("fixture");
+    let gw = gateway_for(&backend).await;
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .expect("connect");
+    let request = format!(
+        "GET /websockify?token={} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        token("early", None)
+    );
+    let mut bytes = request.into_bytes();
+    bytes.extend(masked_binary_frame(b"RFB 003.008\n"));
+    tcp.write_all(&bytes).await.expect("one write");
+
+    // Read the 101, then the echoed frame (unmasked, from the server).
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    let want_tail = b"RFB 003.008\n";
+    while !got.ends_with(want_tail) {
+        let n = tcp.read(&mut buf).await.expect("read");
+        assert!(
+            n > 0,
+            "connection closed; got {:?}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+    assert!(text.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "{text}");
+    let frame_start = got
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("end of head")
+        + 4;
+    assert_eq!(
+        &got[frame_start..frame_start + 2],
+        &[0x82, want_tail.len() as u8]
+    );
+}
+
+#[tokio::test]
+async fn wss_with_a_certificate_made_by_the_test() {
+    let backend = RfbServer::start(Mode::Rfb {
+        name: "tls-desk".into(),
+        width: 32,
+        height: 32,
+        rgb: [1, 2, 3],
+    })
+    .await
+    .expect("fixture");
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+            .expect("cert");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).expect("cert");
+    std::fs::write(&key, certified.signing_key.serialize_pem()).expect("key");
+    let mut cfg = GatewayConfig::new(vec![BackendSpec::rfb("desk", backend.addr)]);
+    cfg.tls = Some((cert, key));
+    let gw = Gateway::start(cfg).await;
+
+    let mut c = WsConnect::new(format!(
+        "wss://127.0.0.1:{}/websockify?token={}",
+        gw.port,
+        token("tls", None)
+    ));
+    c.tls = Some(rfb_client::tls_client_config(certified.cert.der()));
+    let (mut ws, _) = rfb_client::connect(&c).await.expect("wss upgrade");
+    assert!(ws.get_ref().is_tls());
+    assert_eq!(
+        ws.get_ref().alpn_protocol().as_deref(),
+        Some(&b"http/1.1"[..])
+    );
+    let mut session = rfb_client::rfb_handshake(&mut ws).await.expect("handshake");
+    assert_eq!(session.server_name, "tls-desk");
+    let update = rfb_client::first_framebuffer_update(&mut ws, &mut session)
+        .await
+        .expect("update");
+    assert_eq!(update.first_pixel_rgb, [1, 2, 3]);
+}
+
+#[tokio::test]
+async fn sigterm_drains_live_sessions_with_1001_and_exits_0() {
+    let backend = RfbServer::start(Mode::Rfb {
+        name: "d".into(),
+        width: 16,
+        height: 16,
+        rgb: [0, 0, 0],
+    })
+    .await
+    .expect("fixture");
+    let mut cfg = GatewayConfig::new(vec![BackendSpec::rfb("desk", backend.addr)]);
+    cfg.drain_seconds = 1;
+    let mut gw = Gateway::start(cfg).await;
+    let mut ws = open(&gw, "alice").await;
+    rfb_client::rfb_handshake(&mut ws).await.expect("handshake");
+    gw.signal(libc::SIGTERM);
+    let draining = gw.wait_log(|v| v["event"] == "draining").await;
+    assert_eq!(draining["sessions"], 1);
+    let frame = rfb_client::read_close(&mut ws).await.expect("close frame");
+    assert_eq!(u16::from(frame.code), 1001);
+    let status = gw.wait_exit().await;
+    assert_eq!(status.code(), Some(0));
+    let ended = gw.wait_log(|v| v["event"] == "session_ended").await;
+    assert_eq!(ended["close_code"], 1001);
+}
