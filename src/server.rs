@@ -132,6 +132,8 @@ pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         .collect();
     if let Some(admin) = &config.admin {
         let mut service = Service::new("vncgate-admin".to_owned(), AdminApp(Arc::clone(&gw)));
+        // Probes and scrapes are light; the data path keeps `server.threads` to itself.
+        service.threads = Some(1);
         service.add_tcp(&admin.addr.to_string());
         server.add_service(service);
         announce.push(("admin", admin.addr));

@@ -303,3 +303,64 @@ async fn sigterm_drains_live_sessions_with_1001_and_exits_0() {
     let ended = gw.wait_log(|v| v["event"] == "session_ended").await;
     assert_eq!(ended["close_code"], 1001);
 }
+
+/// Upgrade by hand over raw TCP and return the socket: a peer we can make misbehave in ways no
+/// WebSocket library allows (never read, never answer a ping: a half-open connection).
+async fn raw_upgrade(gw: &Gateway, sub: &str) -> tokio::net::TcpStream {
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .expect("connect");
+    let request = format!(
+        "GET /websockify?token={} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        token(sub, None)
+    );
+    tcp.write_all(request.as_bytes()).await.expect("write");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            tcp.read(&mut byte).await.expect("read"),
+            1,
+            "closed during upgrade"
+        );
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    tcp
+}
+
+#[tokio::test]
+async fn a_peer_that_never_answers_pings_is_dropped_as_dead() {
+    let backend = RfbServer::start(Mode::Echo).await.expect("fixture");
+    let mut cfg = GatewayConfig::new(vec![BackendSpec::rfb("desk", backend.addr)]);
+    cfg.extra = "limits:\n  ping_interval_seconds: 1\n  pong_timeout_seconds: 1\n".into();
+    let gw = Gateway::start(cfg).await;
+    let _silent = raw_upgrade(&gw, "ghost").await;
+    let ended = gw.wait_log(|v| v["event"] == "session_ended").await;
+    assert_eq!(ended["close_code"], 1006, "{ended}");
+    assert_eq!(ended["closed_by"], "client");
+    // The backend side is released too.
+    backend.stats().wait_closed(1).await;
+}
+
+#[tokio::test]
+async fn idle_sessions_are_closed_with_4008() {
+    let backend = RfbServer::start(Mode::Echo).await.expect("fixture");
+    let mut cfg = GatewayConfig::new(vec![BackendSpec::rfb("desk", backend.addr)]);
+    cfg.extra = "limits:\n  idle_timeout_seconds: 1\n".into();
+    let gw = Gateway::start(cfg).await;
+    let mut ws = open(&gw, "idler").await;
+    let frame = rfb_client::read_close(&mut ws).await.expect("close frame");
+    assert_eq!(u16::from(frame.code), 4008);
+    // The log line is written after the metrics are updated: await it before scraping.
+    gw.wait_log(|v| v["event"] == "session_ended").await;
+    assert_eq!(
+        gw.metric("vncgate_disconnects_total{code=\"4008\"}").await,
+        1.0
+    );
+}

@@ -1,0 +1,193 @@
+//! Everything on the listeners that is not a WebSocket session: static files (content types, no
+//! traversal, no listing), `/healthz`, and the admin listener's `/healthz`, `/readyz`, `/metrics`
+//! and bearer-protected `/admin/*`; plus the JSON log format.
+
+mod common;
+
+use common::rfb_server::{Mode, RfbServer};
+use common::{ADMIN_TOKEN, BackendSpec, Gateway, GatewayConfig, http_get};
+use rstest::rstest;
+
+async fn gateway_with_web_root() -> (RfbServer, Gateway, tempfile::TempDir) {
+    let backend = RfbServer::start(Mode::Echo).await.expect("fixture");
+    let root = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        root.path().join("index.html"),
+        "<!doctype html><title>v</title>",
+    )
+    .expect("index");
+    std::fs::write(root.path().join("app.js"), "export const x = 1;").expect("js");
+    std::fs::write(root.path().join("style.css"), "body{}").expect("css");
+    std::fs::create_dir(root.path().join("empty")).expect("dir");
+    std::fs::write(root.path().join("empty/notes.txt"), "n").expect("txt");
+    // A secret outside the root that traversal attempts aim at.
+    std::fs::write(
+        root.path()
+            .parent()
+            .expect("parent")
+            .join("vncgate-secret.txt"),
+        "secret",
+    )
+    .ok();
+    let mut cfg = GatewayConfig::new(vec![BackendSpec::rfb("desk", backend.addr)]);
+    cfg.web_root = Some(root.path().to_owned());
+    let gw = Gateway::start(cfg).await;
+    (backend, gw, root)
+}
+
+/// Raw GET returning the status line's code, the Content-Type, and the body.
+async fn get(port: u16, path: &str) -> (u16, String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.expect("read");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").expect("head");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status");
+    let content_type = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-type: ")
+                .map(str::to_owned)
+        })
+        .unwrap_or_default();
+    (status, content_type, body.to_owned())
+}
+
+#[rstest]
+#[case::index("/", 200, "text/html")]
+#[case::html("/index.html", 200, "text/html")]
+#[case::module("/app.js", 200, "text/javascript")]
+#[case::css("/style.css", 200, "text/css")]
+#[case::missing("/nope.js", 404, "application/json")]
+#[case::no_listing("/empty/", 404, "application/json")]
+#[case::dotdot("/../vncgate-secret.txt", 404, "application/json")]
+#[case::encoded_dotdot("/%2e%2e/vncgate-secret.txt", 404, "application/json")]
+#[case::encoded_slash("/empty%2f..%2f..%2fvncgate-secret.txt", 404, "application/json")]
+#[tokio::test]
+async fn static_files(#[case] path: &str, #[case] status: u16, #[case] content_type: &str) {
+    let (_backend, gw, _root) = gateway_with_web_root().await;
+    let (got_status, got_type, body) = get(gw.port, path).await;
+    assert_eq!(got_status, status, "{path}: {body}");
+    assert!(
+        got_type.starts_with(content_type),
+        "{path}: content-type {got_type}"
+    );
+    assert!(!body.contains("secret"), "{path} escaped the web root");
+}
+
+#[tokio::test]
+async fn health_readiness_metrics_and_admin_auth() {
+    let backend = RfbServer::start(Mode::Echo).await.expect("fixture");
+    let gw = Gateway::start(GatewayConfig::new(vec![BackendSpec::rfb(
+        "desk",
+        backend.addr,
+    )]))
+    .await;
+
+    assert_eq!(http_get(gw.port, "/healthz", &[]).await.0, 200);
+    let (status, body) = gw.admin_get("/healthz").await;
+    assert_eq!((status, body.as_str()), (200, r#"{"status":"ok"}"#));
+
+    let (status, body) = gw.admin_get("/readyz").await;
+    assert_eq!(status, 200);
+    let ready: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(
+        ready,
+        serde_json::json!({"status": "ready", "store": "ok", "backends": {"healthy": 1, "total": 1}})
+    );
+
+    // Every contract metric exists from the start, even at zero.
+    let (status, metrics) = gw.admin_get("/metrics").await;
+    assert_eq!(status, 200);
+    for series in [
+        "vncgate_build_info{version=",
+        "vncgate_upgrades_total{result=\"ok\"} 0",
+        "vncgate_upgrades_total{result=\"token_expired\"} 0",
+        "vncgate_upgrade_duration_seconds_bucket{le=\"0.001\"} 0",
+        "vncgate_sessions_active{pool=\"default\"} 0",
+        "vncgate_session_duration_seconds_count{pool=\"default\"} 0",
+        "vncgate_disconnects_total{code=\"1000\"} 0",
+        "vncgate_disconnects_total{code=\"4008\"} 0",
+        "vncgate_relay_bytes_total{direction=\"client_to_backend\"} 0",
+        "vncgate_backpressure_wait_seconds_total{direction=\"backend_to_client\"} 0",
+        "vncgate_backend_up{backend=\"desk\",pool=\"default\"} 1",
+        "vncgate_backend_sessions{backend=\"desk\",pool=\"default\"} 0",
+        "vncgate_backend_connect_duration_seconds_count{pool=\"default\"} 0",
+        "vncgate_store_up 1",
+        "vncgate_store_errors_total{op=\"claim\"} 0",
+        "vncgate_store_op_duration_seconds_count{op=\"get\"} 0",
+        "vncgate_auth_failures_total{reason=\"token_signature\"} 0",
+    ] {
+        assert!(metrics.contains(series), "missing {series}");
+    }
+
+    // /admin/* needs the admin bearer token.
+    let (status, body) = gw.admin_get("/admin/sessions").await;
+    assert_eq!(status, 401, "{body}");
+    let (status, _) = http_get(
+        gw.admin_port,
+        "/admin/sessions",
+        &[("Authorization", "Bearer wrong")],
+    )
+    .await;
+    assert_eq!(status, 401);
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let (status, body) = http_get(
+        gw.admin_port,
+        "/admin/sessions",
+        &[("Authorization", &auth)],
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(body, r#"{"sessions":[]}"#);
+}
+
+#[tokio::test]
+async fn log_lines_are_one_json_object_each_with_the_contract_fields() {
+    let backend = RfbServer::start(Mode::Echo).await.expect("fixture");
+    let gw = Gateway::start(GatewayConfig::new(vec![BackendSpec::rfb(
+        "desk",
+        backend.addr,
+    )]))
+    .await;
+    let jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl";
+    let (status, _) = http_get(gw.port, &format!("/websockify?token={jwt}&x=1"), &[]).await;
+    assert_eq!(status, 400, "a plain GET is not an upgrade");
+    let rejected = gw.wait_log(|v| v["event"] == "upgrade_rejected").await;
+    assert_eq!(rejected["code"], "bad_upgrade");
+    assert_eq!(rejected["level"], "info");
+    assert!(rejected["conn_id"].is_u64());
+    assert_eq!(
+        rejected["client_addr"]
+            .as_str()
+            .map(|a| a.starts_with("127.0.0.1:")),
+        Some(true)
+    );
+    assert_eq!(rejected["path"], "/websockify?token=REDACTED&x=1");
+    for line in gw.raw_logs() {
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line}"));
+        let ts = v["timestamp"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no timestamp: {line}"));
+        assert!(
+            ts.ends_with('Z') && ts.contains('T'),
+            "not RFC 3339 UTC: {ts}"
+        );
+        assert!(
+            v["level"].is_string() && v["event"].is_string() && v["message"].is_string(),
+            "{line}"
+        );
+        assert!(!line.contains(jwt), "token in a log line: {line}");
+    }
+}
