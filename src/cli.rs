@@ -68,10 +68,25 @@ pub enum Command {
 pub fn main() -> i32 {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
+        // Help and version go to stdout in full; a usage error is one line on stderr
+        // (contract §1), the rest of clap's rendering (usage, hints) dropped.
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            eprintln!("error: a command is required: run, check-config, token, demo (see --help)");
+            return EXIT_USAGE;
+        }
+        Err(e) if e.use_stderr() => {
+            let rendered = e.render().to_string();
+            let first_paragraph: Vec<&str> = rendered
+                .lines()
+                .take_while(|l| !l.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            eprintln!("{}", first_paragraph.join(" "));
+            return EXIT_USAGE;
+        }
         Err(e) => {
-            let code = if e.use_stderr() { EXIT_USAGE } else { EXIT_OK };
             let _ = e.print();
-            return code;
+            return EXIT_OK;
         }
     };
     match cli.command {
@@ -118,6 +133,8 @@ pub fn main() -> i32 {
                 Err(code) => return code,
             };
             let request = TokenRequest {
+                iss: config.auth.issuer.clone(),
+                aud: config.auth.audience.clone(),
                 sub,
                 sid,
                 ttl,

@@ -92,6 +92,8 @@ pub fn run(args: DemoArgs) -> i32 {
     println!("noVNC: ws://{shown}/websockify?token={token}");
     println!("token: {token}");
     crate::telemetry::init(config.logging.format, &config.logging.level);
+    // `server::run` returns only when the server fails to start; on a signal Pingora exits the
+    // process without running destructors, and the desktop dies through PR_SET_PDEATHSIG.
     let result = server::run(config, RunOptions::default());
     drop(children);
     match result {

@@ -19,6 +19,7 @@ use pingora_core::services::listening::Service;
 
 use crate::admission::Admission;
 use crate::auth::Verifier;
+use crate::auth::jwks::Jwks;
 use crate::bridge::CloseCode;
 use crate::config::{Config, StoreKind};
 use crate::gateway::admin::AdminApp;
@@ -143,6 +144,12 @@ pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         "health-checks",
         HealthChecks(Arc::clone(&gw)),
     ));
+    if let Some(jwks) = gw.verifier.jwks() {
+        server.add_service(background_service(
+            "jwks-refresh",
+            JwksRefresh(Arc::clone(jwks)),
+        ));
+    }
     server.add_service(background_service("readiness", Announcer(announce)));
     server.add_service(background_service("drain", Drain(Arc::clone(&gw))));
     server.run_forever();
@@ -156,6 +163,18 @@ impl BackgroundService for HealthChecks {
         let health = Arc::clone(self.0.router.health());
         tokio::select! {
             _ = health.run_checks() => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
+struct JwksRefresh(Arc<Jwks>);
+
+#[async_trait]
+impl BackgroundService for JwksRefresh {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        tokio::select! {
+            _ = Arc::clone(&self.0).run_refresh() => {}
             _ = shutdown.changed() => {}
         }
     }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -20,6 +20,8 @@ pub struct SessionInfo {
     pub pool: String,
     pub backend: String,
     pub jti: Option<String>,
+    /// The token's `exp` (unix seconds): when the session's authorization runs out.
+    pub token_exp: u64,
     pub client_addr: Option<SocketAddr>,
     pub started: Instant,
 }
@@ -130,6 +132,19 @@ impl Registry {
         self.lock().values().map(|e| e.info.clone()).collect()
     }
 
+    /// Close one connection with `code` once `after` has passed (token expiry); never returns,
+    /// so it can sit in a `select!` next to the relay.
+    pub async fn close_after(
+        &self,
+        conn_id: u64,
+        after: Duration,
+        code: CloseCode,
+    ) -> std::convert::Infallible {
+        tokio::time::sleep(after).await;
+        self.close_where(code, |s| s.conn_id == conn_id);
+        std::future::pending().await
+    }
+
     /// Resolves once no session is live.
     pub async fn wait_empty(&self) {
         let mut rx = self.count.subscribe();
@@ -149,6 +164,7 @@ mod tests {
             pool: "default".into(),
             backend: "a".into(),
             jti: None,
+            token_exp: 0,
             client_addr: None,
             started: Instant::now(),
         }
@@ -168,6 +184,26 @@ mod tests {
         r.close_all(CloseCode::GoingAway);
         assert_eq!(*rx1.borrow(), Some(CloseCode::Kicked));
         assert_eq!(*rx2.borrow(), Some(CloseCode::GoingAway));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn close_after_fires_at_the_deadline_only() {
+        let r = Registry::new();
+        let (_g, rx) = r.register(info(7, "alice"));
+        let (_g2, other) = r.register(info(8, "alice"));
+        let timer = tokio::spawn({
+            let r = Arc::clone(&r);
+            async move {
+                r.close_after(7, Duration::from_secs(300), CloseCode::TokenExpired)
+                    .await
+            }
+        });
+        tokio::time::sleep(Duration::from_secs(299)).await;
+        assert_eq!(*rx.borrow(), None, "closed before the token expired");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(*rx.borrow(), Some(CloseCode::TokenExpired));
+        assert_eq!(*other.borrow(), None, "only the expired connection closes");
+        timer.abort();
     }
 
     #[tokio::test]

@@ -34,7 +34,12 @@ pub fn init(format: LogFormat, level: &str) {
     let _ = match format {
         LogFormat::Json => registry.with(JsonLines).try_init(),
         LogFormat::Pretty => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    // Colours only for a terminal; a file or a pipe gets plain text.
+                    .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+            )
             .try_init(),
     };
 }

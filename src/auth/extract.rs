@@ -186,6 +186,66 @@ mod tests {
         assert_eq!(p.bearer.as_deref(), Some("T"));
     }
 
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Base64url segments joined by dots: the shape of a JWS compact token.
+        fn jwt() -> impl Strategy<Value = String> {
+            "[A-Za-z0-9_-]{1,40}\\.[A-Za-z0-9_-]{1,80}\\.[A-Za-z0-9_-]{0,60}"
+        }
+
+        proptest! {
+            #[test]
+            fn arbitrary_requests_never_panic(
+                auth in proptest::collection::vec(any::<u8>(), 0..64),
+                protocols in "[ -~]{0,80}",
+                query in "[ -~]{0,80}",
+                cookie in "[ -~]{0,80}",
+            ) {
+                let mut h = HeaderMap::new();
+                if let Ok(v) = HeaderValue::from_bytes(&auth) { h.insert(AUTHORIZATION, v); }
+                if let Ok(v) = HeaderValue::from_str(&protocols) { h.insert(SEC_WEBSOCKET_PROTOCOL, v); }
+                if let Ok(v) = HeaderValue::from_str(&cookie) { h.insert(COOKIE, v); }
+                let target = format!("/ws?{}", query.replace([' ', '#'], "%20"));
+                if let Ok(uri) = target.parse::<Uri>() {
+                    if let Ok(p) = subprotocols(&h) {
+                        let _ = token(&h, &uri, &p);
+                    }
+                    let _ = redacted_target(&uri);
+                }
+            }
+
+            #[test]
+            fn query_tokens_round_trip_and_are_redacted(t in jwt(), before in "[a-z]{1,8}", after in "[a-z]{1,8}") {
+                let target = format!("/ws?{before}=1&token={t}&{after}=2");
+                let uri: Uri = target.parse().expect("uri");
+                let got = token(&HeaderMap::new(), &uri, &Subprotocols::default()).expect("extract");
+                prop_assert_eq!(got, Some((t.clone(), TokenSource::Query)));
+                prop_assert!(!redacted_target(&uri).contains(&t));
+            }
+
+            #[test]
+            fn cookie_tokens_round_trip(t in jwt(), other in "[a-z]{1,8}=[a-z0-9]{0,8}") {
+                let h = headers(&[("cookie", &format!("{other}; vncgate_token={t}; z=1"))]);
+                let got = token(&h, &"/ws".parse().expect("uri"), &Subprotocols::default()).expect("extract");
+                prop_assert_eq!(got, Some((t, TokenSource::Cookie)));
+            }
+
+            #[test]
+            fn subprotocol_tokens_round_trip(t in jwt(), extra in proptest::collection::vec("[a-z]{1,10}", 0..4)) {
+                let mut entries = extra.clone();
+                entries.push("binary".into());
+                entries.push(format!("bearer.{t}"));
+                let h = headers(&[("sec-websocket-protocol", &entries.join(", "))]);
+                let p = subprotocols(&h).expect("parse");
+                prop_assert!(p.offered && p.has_binary);
+                let got = token(&h, &"/ws".parse().expect("uri"), &p).expect("extract");
+                prop_assert_eq!(got, Some((t, TokenSource::Subprotocol)));
+            }
+        }
+    }
+
     #[test]
     fn redaction_hides_every_token_parameter() {
         let uri: Uri = "/websockify?token=secret.jwt&x=1&token=two"

@@ -16,6 +16,9 @@ pub struct TokenRequest {
     pub backend: Option<String>,
     pub view_only: bool,
     pub jti: Option<String>,
+    /// Set from `auth.issuer` / `auth.audience`, so a minted token passes the gateway's checks.
+    pub iss: Option<String>,
+    pub aud: Option<String>,
 }
 
 pub fn now_unix() -> u64 {
@@ -35,8 +38,8 @@ pub fn mint_hs256(
         exp: now + req.ttl.as_secs(),
         nbf: None,
         iat: Some(now),
-        iss: None,
-        aud: None,
+        iss: req.iss.clone(),
+        aud: req.aud.clone().map(super::claims::Audience::One),
         sid: req.sid.clone(),
         pool: req.pool.clone(),
         backend: req.backend.clone(),

@@ -10,6 +10,7 @@
 pub mod authorize;
 mod claims;
 pub mod extract;
+pub mod jwks;
 pub mod mint;
 pub mod verify;
 
@@ -40,6 +41,8 @@ pub enum AuthError {
     BadSessionId,
     #[error("origin is not allowed")]
     OriginDenied,
+    #[error("token has been revoked")]
+    Revoked,
     #[error("pool is not configured")]
     PoolUnknown,
     #[error("backend is not a configured backend of the pool")]

@@ -2,18 +2,28 @@
 //! the token header chooses among configured keys, never widens what is accepted.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use base64::Engine;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
 
+use super::jwks::Jwks;
 use super::{AuthError, Claims};
 use crate::config::AuthConfig;
 
-/// A configured verification key. `kid` is only ever compared with this in-memory set.
-struct Key {
-    kid: Option<String>,
-    key: DecodingKey,
+/// A verification key. `kid` is only ever compared with this in-memory set; `alg`, when the
+/// key's source names one (a JWK's `alg`), is the only algorithm the key may verify.
+pub struct Key {
+    pub kid: Option<String>,
+    pub alg: Option<Algorithm>,
+    pub key: DecodingKey,
+}
+
+impl Key {
+    fn fits(&self, alg: Algorithm) -> bool {
+        self.key.family() == alg.family() && self.alg.is_none_or(|a| a == alg)
+    }
 }
 
 /// Problems loading keys at start; reported like config errors, naming the key.
@@ -26,11 +36,15 @@ pub enum KeyError {
     },
     #[error("auth.public_key_files: {path} is not an RSA, EC or Ed25519 public key in PEM")]
     Pem { path: String },
+    #[error("auth.jwks_url: {0}")]
+    Jwks(#[from] super::jwks::FetchError),
 }
 
 pub struct Verifier {
     allowed: Vec<Algorithm>,
+    /// From `secret_env` and `public_key_files`.
     keys: Vec<Key>,
+    jwks: Option<Arc<Jwks>>,
     issuer: Option<String>,
     audience: Option<String>,
     leeway_secs: u64,
@@ -47,6 +61,7 @@ impl Verifier {
             if let Some(secret) = &cfg.secret {
                 keys.push(Key {
                     kid: None,
+                    alg: None,
                     key: DecodingKey::from_secret(secret.expose().as_bytes()),
                 });
             }
@@ -61,53 +76,94 @@ impl Verifier {
                 .or_else(|_| DecodingKey::from_ec_pem(&pem))
                 .or_else(|_| DecodingKey::from_ed_pem(&pem))
                 .map_err(|_| KeyError::Pem { path: shown })?;
-            keys.push(Key { kid: None, key });
+            keys.push(Key {
+                kid: None,
+                alg: None,
+                key,
+            });
         }
+        let jwks = match &cfg.jwks_url {
+            Some(url) => Some(Arc::new(Jwks::new(
+                url,
+                &cfg.algorithms,
+                cfg.jwks_cache,
+                cfg.jwks_min_refresh,
+            )?)),
+            None => None,
+        };
         Ok(Verifier {
             allowed: cfg.algorithms.clone(),
             keys,
+            jwks,
             issuer: cfg.issuer.clone(),
             audience: cfg.audience.clone(),
             leeway_secs: cfg.leeway.as_secs(),
         })
     }
 
+    /// The JWKS cache, when `auth.jwks_url` is set (its refresh runs as a background task).
+    pub fn jwks(&self) -> Option<&Arc<Jwks>> {
+        self.jwks.as_ref()
+    }
+
     /// Verify signature and claims; the error says which contract code applies.
-    pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+    pub async fn verify(&self, token: &str) -> Result<Claims, AuthError> {
         self.precheck_algorithm(token)?;
         let header = decode_header(token).map_err(map_error)?;
         if !self.allowed.contains(&header.alg) {
             return Err(AuthError::Algorithm);
         }
-        let family = header.alg.family();
-        let same_family = || self.keys.iter().filter(|k| k.key.family() == family);
-        // A `kid` that names one of our keys selects it; otherwise every key of the family is
-        // tried (PEM files carry no kid). An unknown kid is never looked up anywhere else.
-        let by_kid: Vec<&Key> = match &header.kid {
-            Some(kid) => same_family()
-                .filter(|k| k.kid.as_deref() == Some(kid))
-                .collect(),
-            None => Vec::new(),
-        };
-        let candidates: Vec<&Key> = if by_kid.is_empty() {
-            same_family()
-                .filter(|k| k.kid.is_none() || header.kid.is_none())
-                .collect()
-        } else {
-            by_kid
+        let mut jwks_keys = self.jwks.as_ref().map(|j| j.keys()).unwrap_or_default();
+        if let (Some(kid), Some(jwks)) = (&header.kid, &self.jwks) {
+            let known = jwks_keys
+                .iter()
+                .any(|k| k.kid.as_deref() == Some(kid.as_str()));
+            if !known && jwks.refresh_for_unknown_kid().await {
+                jwks_keys = jwks.keys();
+            }
+        }
+        let all = self
+            .keys
+            .iter()
+            .chain(jwks_keys.iter())
+            .filter(|k| k.fits(header.alg));
+        // A `kid` that names a key selects it; otherwise the keys without a kid are tried (PEM
+        // files carry none). Without a `kid` in the token, every fitting key is tried.
+        let candidates: Vec<&Key> = match &header.kid {
+            Some(kid) => {
+                let named: Vec<&Key> = all
+                    .clone()
+                    .filter(|k| k.kid.as_deref() == Some(kid.as_str()))
+                    .collect();
+                if named.is_empty() {
+                    all.filter(|k| k.kid.is_none()).collect()
+                } else {
+                    named
+                }
+            }
+            None => all.collect(),
         };
         let validation = self.validation(header.alg);
-        let mut last = AuthError::Signature;
         for key in candidates {
             match decode::<Claims>(token, &key.key, &validation) {
                 Ok(data) => return Ok(data.claims),
-                Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature) => {
-                    last = AuthError::Signature
+                // Not this key (another curve, another modulus): try the next one.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::InvalidSignature
+                            | ErrorKind::InvalidEcdsaKey
+                            | ErrorKind::InvalidRsaKey(_)
+                            | ErrorKind::InvalidEddsaKey
+                            | ErrorKind::InvalidKeyFormat
+                    ) =>
+                {
+                    continue;
                 }
                 Err(e) => return Err(map_error(e)),
             }
         }
-        Err(last)
+        Err(AuthError::Signature)
     }
 
     fn validation(&self, alg: Algorithm) -> Validation {

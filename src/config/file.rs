@@ -62,6 +62,8 @@ pub(super) struct RawAuth {
     pub secret_env: Option<String>,
     pub public_key_files: Option<Vec<String>>,
     pub jwks_url: Option<String>,
+    pub jwks_cache_seconds: Option<u64>,
+    pub jwks_min_refresh_seconds: Option<u64>,
     pub issuer: Option<String>,
     pub audience: Option<String>,
     pub leeway_seconds: Option<u64>,

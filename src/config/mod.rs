@@ -95,6 +95,11 @@ pub struct AuthConfig {
     pub secret: Option<Secret>,
     pub public_key_files: Vec<PathBuf>,
     pub jwks_url: Option<String>,
+    /// Keys fetched from `jwks_url` are refetched this often (a removed key stops working then).
+    pub jwks_cache: Duration,
+    /// An unknown `kid` triggers a refetch at most this often, so bad tokens cannot make vncgate
+    /// hammer the identity provider.
+    pub jwks_min_refresh: Duration,
     pub issuer: Option<String>,
     pub audience: Option<String>,
     pub leeway: Duration,

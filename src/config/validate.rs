@@ -293,6 +293,22 @@ fn resolve_auth(p: &mut Problems, raw: RawAuth, env: Env<'_>) -> AuthConfig {
             );
         }
     }
+    // The cache lifetime bounds how long a key removed from the JWKS stays usable; the minimum
+    // interval bounds how often tokens with unknown `kid`s can make us call the provider.
+    let jwks_cache_seconds = bounded(
+        p,
+        "auth.jwks_cache_seconds",
+        raw.jwks_cache_seconds,
+        300,
+        1..=86400,
+    );
+    let jwks_min_refresh_seconds = bounded(
+        p,
+        "auth.jwks_min_refresh_seconds",
+        raw.jwks_min_refresh_seconds,
+        30,
+        0..=3600,
+    );
     let on_expiry = one_of(
         p,
         "auth.on_expiry",
@@ -306,6 +322,8 @@ fn resolve_auth(p: &mut Problems, raw: RawAuth, env: Env<'_>) -> AuthConfig {
         secret,
         public_key_files,
         jwks_url,
+        jwks_cache: Duration::from_secs(jwks_cache_seconds),
+        jwks_min_refresh: Duration::from_secs(jwks_min_refresh_seconds),
         issuer,
         audience,
         leeway: Duration::from_secs(leeway_seconds),

@@ -157,6 +157,7 @@ impl From<AuthError> for Refusal {
             AuthError::Algorithm => ErrorCode::TokenAlgorithm,
             AuthError::BadSessionId => ErrorCode::BadSessionId,
             AuthError::OriginDenied => ErrorCode::OriginDenied,
+            AuthError::Revoked => ErrorCode::TokenRevoked,
             AuthError::PoolUnknown => ErrorCode::PoolUnknown,
             AuthError::BackendNotAllowed => ErrorCode::BackendNotAllowed,
         };

@@ -20,14 +20,18 @@ use super::handshake::{self, Handshake};
 use super::refusal::{ErrorCode, Refusal};
 use super::{Gateway, respond};
 use crate::admission::Ticket;
+use crate::auth::mint::now_unix;
 use crate::auth::{Claims, authorize, extract};
+use crate::bridge::CloseCode;
 use crate::bridge::{self, BridgeLimits, Meters, backend};
-use crate::config::{BackendConfig, BackendProtocol};
+use crate::config::{BackendConfig, BackendProtocol, OnExpiry};
 use crate::routing::Placement;
 use crate::routing::health::BackendSessionGuard;
 use crate::sessions::SessionInfo;
 
 const BACKEND_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Room for any real JWT (a few KiB even with many claims) in any of the four token sources.
+const MAX_UPGRADE_HEAD_BYTES: usize = 16 * 1024;
 
 /// What a successful admission holds until the session ends.
 struct Admitted {
@@ -110,10 +114,18 @@ async fn admit(
             "the gateway is draining; reconnect",
         ));
     }
-    if session.is_http2() {
+    let Some(h1) = session.as_http1() else {
         return Err(Refusal::new(
             ErrorCode::BadUpgrade,
             "WebSocket over HTTP/2 is not supported",
+        ));
+    };
+    // Pingora accepts request heads up to 1 MiB; an upgrade needs a few hundred bytes plus a
+    // token. Refusing big heads up front keeps oversized tokens away from the JWT parser.
+    if h1.get_headers_raw_bytes().len() > MAX_UPGRADE_HEAD_BYTES {
+        return Err(Refusal::new(
+            ErrorCode::BadUpgrade,
+            "request head is larger than 16 KiB",
         ));
     }
     let req = session.req_header();
@@ -127,9 +139,20 @@ async fn admit(
     }
     let (token, source) = extract::token(&req.headers, &req.uri, &handshake.protocols)?
         .ok_or(crate::auth::AuthError::Missing)?;
-    let claims = gw.verifier.verify(&token)?;
+    let claims = gw.verifier.verify(&token).await?;
     drop(token);
     authorize::authorize(&claims, config)?;
+    if let Some(jti) = &claims.jti {
+        match gw.router.store().is_revoked(jti).await {
+            Ok(true) => return Err(crate::auth::AuthError::Revoked.into()),
+            Ok(false) => {}
+            // Unknown is not revoked: refusing every token while the store is away would turn
+            // a store outage into a login outage. Live sessions still get revocations by event.
+            Err(e) => {
+                tracing::warn!(event = "store_error", op = "get", error = %e, "revocation check failed")
+            }
+        }
+    }
     let span = Span::current();
     span.record("session_id", claims.session_id());
     span.record("user_id", claims.sub.as_str());
@@ -312,6 +335,7 @@ async fn serve(
         pool: pool.to_owned(),
         backend: placement.backend.name.clone(),
         jti: claims.jti.clone(),
+        token_exp: claims.exp,
         client_addr,
         started: Instant::now(),
     });
@@ -343,9 +367,22 @@ async fn serve(
                 }
             }
         };
+        let expiry = async {
+            match config.auth.on_expiry {
+                OnExpiry::Close => {
+                    let deadline = claims.exp + config.auth.leeway.as_secs();
+                    let left = Duration::from_secs(deadline.saturating_sub(now_unix()));
+                    gw.sessions
+                        .close_after(conn_id, left, CloseCode::TokenExpired)
+                        .await
+                }
+                OnExpiry::Keep => std::future::pending().await,
+            }
+        };
         tokio::select! {
             outcome = relay => outcome,
             never = refresh => match never {},
+            never = expiry => match never {},
         }
     };
     active.dec();

@@ -21,6 +21,8 @@ pub struct MemoryStore {
 struct Inner {
     pins: HashMap<String, (Pin, Instant)>,
     len_at_last_sweep: usize,
+    /// Revoked `jti`s and when each revocation may be forgotten (the token's expiry).
+    revoked: HashMap<String, Instant>,
 }
 
 impl Inner {
@@ -33,10 +35,11 @@ impl Inner {
     }
 
     fn sweep_if_grown(&mut self) {
-        if self.pins.len() >= self.len_at_last_sweep + SWEEP_EVERY {
+        if self.pins.len() + self.revoked.len() >= self.len_at_last_sweep + SWEEP_EVERY {
             let now = Instant::now();
             self.pins.retain(|_, (_, exp)| *exp > now);
-            self.len_at_last_sweep = self.pins.len();
+            self.revoked.retain(|_, exp| *exp > now);
+            self.len_at_last_sweep = self.pins.len() + self.revoked.len();
         }
     }
 }
@@ -84,6 +87,21 @@ impl SessionStore for MemoryStore {
         Ok(())
     }
 
+    async fn revoke(&self, jti: &str, ttl: Duration) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        inner.sweep_if_grown();
+        inner.revoked.insert(jti.to_owned(), Instant::now() + ttl);
+        Ok(())
+    }
+
+    async fn is_revoked(&self, jti: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .lock()
+            .revoked
+            .get(jti)
+            .is_some_and(|exp| *exp > Instant::now()))
+    }
+
     fn is_up(&self) -> bool {
         true
     }
@@ -125,6 +143,18 @@ mod tests {
             s.get("s1").await.expect("get").map(|p| p.owner),
             Some("u".into())
         );
+    }
+
+    #[tokio::test]
+    async fn revocations_last_until_their_ttl() {
+        let s = MemoryStore::new();
+        s.revoke("j1", Duration::from_secs(60))
+            .await
+            .expect("revoke");
+        s.revoke("j2", Duration::ZERO).await.expect("revoke");
+        assert!(s.is_revoked("j1").await.expect("check"));
+        assert!(!s.is_revoked("j2").await.expect("check"));
+        assert!(!s.is_revoked("j3").await.expect("check"));
     }
 
     #[tokio::test]

@@ -40,6 +40,11 @@ pub trait SessionStore: Send + Sync {
     /// connection closes, so the pin outlives the session by the idle TTL.
     async fn refresh(&self, sid: &str, ttl: Duration) -> Result<(), StoreError>;
 
+    /// Record that tokens with this `jti` are revoked, for `ttl` (until the token's `exp`).
+    async fn revoke(&self, jti: &str, ttl: Duration) -> Result<(), StoreError>;
+
+    async fn is_revoked(&self, jti: &str) -> Result<bool, StoreError>;
+
     /// Whether the store is reachable now (for `/readyz` and `vncgate_store_up`).
     fn is_up(&self) -> bool;
 }

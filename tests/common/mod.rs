@@ -3,6 +3,7 @@
 //! sleeping. Fixtures: an in-process RFB server, an RFB-over-WebSocket client, a real Xvnc.
 #![allow(dead_code)]
 
+pub mod jwks_server;
 pub mod rfb_client;
 pub mod rfb_server;
 pub mod xvnc;
@@ -58,6 +59,8 @@ pub struct GatewayConfig {
     pub extra: String,
     /// Extra YAML keys of the `default` pool, one per line, already indented by 4 spaces.
     pub pool_extra: String,
+    /// The lines of the `auth:` section, indented by 2 spaces.
+    pub auth: String,
     pub drain_seconds: u64,
 }
 
@@ -71,6 +74,7 @@ impl GatewayConfig {
             web_root: None,
             extra: String::new(),
             pool_extra: "    health_check_interval_seconds: 0\n".into(),
+            auth: "  algorithms: [HS256]\n  secret_env: VNCGATE_JWT_SECRET\n".into(),
             drain_seconds: 5,
         }
     }
@@ -123,13 +127,14 @@ impl Gateway {
              paths: [\"/websockify\"]\n\
              web_root: {web_root}\n\
              admin:\n  addr: \"127.0.0.1:{admin_port}\"\n  token_env: VNCGATE_ADMIN_TOKEN\n\
-             auth:\n  algorithms: [HS256]\n  secret_env: VNCGATE_JWT_SECRET\n\
+             auth:\n{auth}\
              pools:\n  default:\n{pool_extra}    backends:\n{backends}\
              logging:\n  format: json\n  level: debug\n{extra}",
             drain = cfg.drain_seconds,
             d = dir.path().display(),
             extra = cfg.extra,
             pool_extra = cfg.pool_extra,
+            auth = cfg.auth,
         );
         let config_path = dir.path().join("vncgate.yaml");
         std::fs::write(&config_path, yaml).expect("write config");
@@ -254,6 +259,19 @@ impl Gateway {
         http_get(self.admin_port, path, &[]).await
     }
 
+    /// An authenticated admin call: (status, body).
+    pub async fn admin(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        let auth = format!("Bearer {ADMIN_TOKEN}");
+        http_request(
+            self.admin_port,
+            method,
+            path,
+            &[("Authorization", &auth)],
+            body,
+        )
+        .await
+    }
+
     /// One Prometheus sample value, e.g. `metric("vncgate_upgrades_total{result=\"ok\"}")`.
     pub async fn metric(&self, series: &str) -> f64 {
         let (_, body) = self.admin_get("/metrics").await;
@@ -269,15 +287,33 @@ impl Gateway {
 
 /// A minimal HTTP/1.1 GET over a fresh connection: (status, body).
 pub async fn http_get(port: u16, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    http_request(port, "GET", path, headers, "").await
+}
+
+/// Any method, with a body (sent with Content-Length when not empty): (status, body).
+pub async fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("connect");
-    let mut req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
+    if !body.is_empty() {
+        req.push_str(&format!(
+            "Content-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        ));
+    }
     req.push_str("\r\n");
+    req.push_str(body);
     s.write_all(req.as_bytes()).await.expect("write");
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await.expect("read");
