@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum AdmissionError {
@@ -26,17 +26,41 @@ pub enum AdmissionError {
 }
 
 const FAILURE_WINDOW: Duration = Duration::from_secs(60);
-/// Above this many tracked addresses, expired windows are pruned on insert, so an attacker
-/// rotating addresses cannot grow the map without bound.
-const FAILURE_MAP_PRUNE_AT: usize = 4096;
+/// Above this many tracked networks, expired windows are pruned (at most once a second).
+const FAILURE_TABLE_PRUNE_AT: usize = 4096;
+/// Hard cap on tracked networks (a few MiB at most).
+const FAILURE_TABLE_CAP: usize = 65536;
+
+/// One IPv6 host usually owns a whole /64; counting per address would let it rotate freely.
+fn network_of(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V4(_) => addr,
+        IpAddr::V6(v6) => {
+            let mut octets = v6.octets();
+            octets[8..].fill(0);
+            IpAddr::V6(octets.into())
+        }
+    }
+}
 
 pub struct Admission {
     sessions: Arc<Semaphore>,
     max_per_user: usize,
     per_user: Mutex<HashMap<String, usize>>,
     failures_per_minute: u32,
-    failures: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+    failures: Mutex<FailureTable>,
     draining: AtomicBool,
+    /// Live tickets: every session from admission to its end, including upgrades still
+    /// connecting to their backend (the drain waits for this, not just for registered sessions).
+    live: watch::Sender<usize>,
+}
+
+/// Auth failures per client network, pruned at most once per second and capped, so an
+/// attacker rotating addresses can neither grow it without bound nor make every lookup scan it.
+#[derive(Default)]
+struct FailureTable {
+    windows: HashMap<IpAddr, (Instant, u32)>,
+    last_prune: Option<Instant>,
 }
 
 /// Held by a live session; dropping it gives the global and per-user slots back.
@@ -48,6 +72,9 @@ pub struct Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
+        self.admission
+            .live
+            .send_modify(|n| *n = n.saturating_sub(1));
         let mut map = self
             .admission
             .per_user
@@ -73,8 +100,9 @@ impl Admission {
             max_per_user,
             per_user: Mutex::new(HashMap::new()),
             failures_per_minute,
-            failures: Mutex::new(HashMap::new()),
+            failures: Mutex::new(FailureTable::default()),
             draining: AtomicBool::new(false),
+            live: watch::Sender::new(0),
         })
     }
 
@@ -101,6 +129,7 @@ impl Admission {
         }
         *n += 1;
         drop(map);
+        self.live.send_modify(|n| *n += 1);
         Ok(Ticket {
             _permit: permit,
             user: user.to_owned(),
@@ -110,8 +139,8 @@ impl Admission {
 
     /// Refuse an address that already failed authentication too often in the current window.
     pub fn check_auth_throttle(&self, addr: IpAddr) -> Result<(), AdmissionError> {
-        let map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        match map.get(&addr) {
+        let table = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        match table.windows.get(&network_of(addr)) {
             Some((start, count))
                 if start.elapsed() < FAILURE_WINDOW && *count >= self.failures_per_minute =>
             {
@@ -122,20 +151,35 @@ impl Admission {
     }
 
     pub fn record_auth_failure(&self, addr: IpAddr) {
-        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() >= FAILURE_MAP_PRUNE_AT {
-            map.retain(|_, (start, _)| start.elapsed() < FAILURE_WINDOW);
-        }
+        let mut table = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        let entry = map.entry(addr).or_insert((now, 0));
+        if table.windows.len() >= FAILURE_TABLE_PRUNE_AT
+            && table
+                .last_prune
+                .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+        {
+            table
+                .windows
+                .retain(|_, (start, _)| start.elapsed() < FAILURE_WINDOW);
+            table.last_prune = Some(now);
+        }
+        let key = network_of(addr);
+        if table.windows.len() >= FAILURE_TABLE_CAP && !table.windows.contains_key(&key) {
+            // Full of live windows: an address flood is under way. Not tracking one more
+            // address costs less than letting the table grow.
+            return;
+        }
+        let entry = table.windows.entry(key).or_insert((now, 0));
         if entry.0.elapsed() >= FAILURE_WINDOW {
             *entry = (now, 0);
         }
         entry.1 = entry.1.saturating_add(1);
     }
 
-    pub fn live_sessions(&self, max_sessions: usize) -> usize {
-        max_sessions - self.sessions.available_permits()
+    /// Resolves once no session holds a ticket.
+    pub async fn wait_idle(&self) {
+        let mut rx = self.live.subscribe();
+        let _ = rx.wait_for(|n| *n == 0).await;
     }
 }
 
@@ -171,6 +215,33 @@ mod tests {
         );
         let other: IpAddr = "192.0.2.2".parse().expect("ip");
         assert!(a.check_auth_throttle(other).is_ok());
+    }
+
+    #[test]
+    fn ipv6_failures_count_per_64() {
+        let a = Admission::new(1, 1, 2);
+        a.record_auth_failure("2001:db8::1".parse().expect("ip"));
+        a.record_auth_failure("2001:db8::2".parse().expect("ip"));
+        assert!(
+            a.check_auth_throttle("2001:db8::ffff".parse().expect("ip"))
+                .is_err()
+        );
+        assert!(
+            a.check_auth_throttle("2001:db8:0:1::1".parse().expect("ip"))
+                .is_ok()
+        );
+    }
+
+    #[tokio::test]
+    async fn wait_idle_follows_tickets() {
+        let a = Admission::new(2, 2, 1);
+        let t = a.admit("x").expect("ticket");
+        let waiter = tokio::spawn({
+            let a = Arc::clone(&a);
+            async move { a.wait_idle().await }
+        });
+        drop(t);
+        waiter.await.expect("idle");
     }
 
     #[test]

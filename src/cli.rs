@@ -183,17 +183,17 @@ pub fn token(config: &Config, req: &TokenRequest) -> Result<String, String> {
     let pool = config
         .pool(pool_name)
         .ok_or_else(|| format!("--pool: no pool named {pool_name:?}"))?;
-    if let Some(b) = &req.backend {
-        if !pool.backends.iter().any(|x| &x.name == b) {
-            return Err(format!(
-                "--backend: pool {pool_name:?} has no backend named {b:?}"
-            ));
-        }
+    if let Some(b) = &req.backend
+        && !pool.backends.iter().any(|x| &x.name == b)
+    {
+        return Err(format!(
+            "--backend: pool {pool_name:?} has no backend named {b:?}"
+        ));
     }
-    if let Some(sid) = &req.sid {
-        if !crate::auth::authorize::valid_session_id(sid) {
-            return Err("--sid: must match [A-Za-z0-9._:-]{1,128}".into());
-        }
+    if let Some(sid) = &req.sid
+        && !crate::auth::authorize::valid_session_id(sid)
+    {
+        return Err("--sid: must match [A-Za-z0-9._:-]{1,128}".into());
     }
     mint_hs256(secret.expose().as_bytes(), req).map_err(|e| format!("signing failed: {e}"))
 }

@@ -212,14 +212,14 @@ fn start_desktop() -> Result<(String, Vec<Kid>), String> {
             .env("DISPLAY", &disp)
             .status();
     }
-    if let Some(xterm) = which("xterm") {
-        if let Ok(k) = spawn_tied(
+    if let Some(xterm) = which("xterm")
+        && let Ok(k) = spawn_tied(
             Command::new(xterm)
                 .args(["-geometry", "100x30+40+40"])
                 .env("DISPLAY", &disp),
-        ) {
-            kids.push(k);
-        }
+        )
+    {
+        kids.push(k);
     }
     Ok((addr, kids))
 }

@@ -15,8 +15,9 @@
 //!   reuse), owner binding, least-loaded placement, backend health.
 //! - [`bridge`]: after the 101, the only code that touches payload bytes: WebSocket <-> TCP (or
 //!   WebSocket pass-through), bounded buffers, ping/pong, close codes.
-//! - [`sessions`]: the registry of live sessions and their control handles, so drain (and later
-//!   kick, revoke, expiry) can reach each one.
+//! - [`sessions`]: the registry of live sessions and their control handles, so drain, kick,
+//!   revocation and expiry reach each one; [`control`] carries kicks and revocations to every
+//!   replica.
 //! - [`metrics`] and [`telemetry`]: the contract's Prometheus metrics and JSON logs.
 //! - [`config`]: file schema, validation with key paths, and the resolved [`config::Config`].
 //! - [`server`]: builds Pingora's `Server` from the config and runs it; [`cli`] is the command line.
@@ -26,9 +27,11 @@ pub mod auth;
 pub mod bridge;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod gateway;
 pub mod metrics;
+pub mod readiness;
 pub mod routing;
 pub mod server;
 pub mod sessions;

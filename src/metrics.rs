@@ -14,8 +14,34 @@ use crate::bridge::CloseCode;
 use crate::config::Config;
 use crate::gateway::refusal::ErrorCode;
 
+/// Holds a gauge up by one for as long as it lives, however the holder ends (panics included).
+pub struct GaugeGuard(IntGauge);
+
+impl GaugeGuard {
+    pub fn inc(gauge: IntGauge) -> GaugeGuard {
+        gauge.inc();
+        GaugeGuard(gauge)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 pub const DIRECTIONS: [&str; 2] = ["client_to_backend", "backend_to_client"];
-pub const STORE_OPS: [&str; 4] = ["get", "claim", "refresh", "release"];
+pub const STORE_OPS: [&str; 9] = [
+    "get",
+    "claim",
+    "replace",
+    "refresh",
+    "release",
+    "revoke",
+    "check_revoked",
+    "publish",
+    "connect",
+];
 
 pub struct Metrics {
     registry: Registry,

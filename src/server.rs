@@ -22,10 +22,13 @@ use crate::auth::Verifier;
 use crate::auth::jwks::Jwks;
 use crate::bridge::CloseCode;
 use crate::config::{Config, StoreKind};
+use crate::control;
 use crate::gateway::admin::AdminApp;
 use crate::gateway::{App, Gateway};
 use crate::metrics::Metrics;
-use crate::routing::{Health, MemoryStore, Router, SessionStore};
+use crate::readiness;
+use crate::routing::redis::{LivePins, RedisStore};
+use crate::routing::{Health, MemoryStore, Pin, Router, SessionStore};
 
 /// After the drain deadline, how long closing handshakes may take before the process exits.
 const CLOSE_GRACE: Duration = Duration::from_secs(6);
@@ -38,8 +41,8 @@ pub enum StartError {
     Metrics(#[from] prometheus::Error),
     #[error("listeners[{index}].tls: {message}")]
     Tls { index: usize, message: String },
-    #[error("store.kind: redis is not supported by this build yet; use memory")]
-    StoreUnsupported,
+    #[error("store.redis_url_env: {0}")]
+    Store(String),
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -48,13 +51,21 @@ pub struct RunOptions {
     pub daemon: bool,
 }
 
-/// Everything the process shares, built from the config.
-pub fn build_gateway(config: Config) -> Result<Arc<Gateway>, StartError> {
+/// Everything the process shares, built from the config; plus the Redis store when configured,
+/// whose supervisor and event subscriber run as background services.
+pub fn build_gateway(
+    config: Config,
+) -> Result<(Arc<Gateway>, Option<Arc<RedisStore>>), StartError> {
     let metrics = Arc::new(Metrics::new(&config)?);
     let verifier = Verifier::new(&config.auth)?;
-    let store: Arc<dyn SessionStore> = match &config.store.kind {
-        StoreKind::Memory => Arc::new(MemoryStore::new()),
-        StoreKind::Redis { .. } => return Err(StartError::StoreUnsupported),
+    let (store, redis): (Arc<dyn SessionStore>, _) = match &config.store.kind {
+        StoreKind::Memory => (Arc::new(MemoryStore::new()), None),
+        StoreKind::Redis { url } => {
+            let redis =
+                RedisStore::new(url.expose(), &config.store.key_prefix, Arc::clone(&metrics))
+                    .map_err(|e| StartError::Store(e.to_string()))?;
+            (Arc::clone(&redis) as Arc<dyn SessionStore>, Some(redis))
+        }
     };
     let health = Arc::new(Health::new(&config, &metrics));
     let limits = &config.limits;
@@ -63,15 +74,21 @@ pub fn build_gateway(config: Config) -> Result<Arc<Gateway>, StartError> {
         limits.max_sessions_per_user,
         limits.auth_failures_per_minute,
     );
-    let router = Router::new(store, health, config.store.session_idle_ttl);
-    Ok(Arc::new(Gateway {
+    let router = Router::new(
+        store,
+        redis.is_some(),
+        health,
+        config.store.session_idle_ttl,
+    );
+    let gw = Arc::new(Gateway {
         config: Arc::new(config),
         verifier,
         admission,
         router,
         sessions: crate::sessions::Registry::new(),
         metrics,
-    }))
+    });
+    Ok((gw, redis))
 }
 
 /// Run until shut down. Returns only on a start-up error; otherwise Pingora exits the process.
@@ -83,7 +100,7 @@ pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
             "auth.allowed_origins is empty: any web page may open sessions with a user's token"
         );
     }
-    let gw = build_gateway(config)?;
+    let (gw, redis) = build_gateway(config)?;
     let config = Arc::clone(&gw.config);
 
     let conf = ServerConf {
@@ -126,10 +143,19 @@ pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     }
     server.add_service(public);
 
-    let mut announce: Vec<(&'static str, SocketAddr)> = config
+    let mut announce: Vec<(readiness::Kind, SocketAddr)> = config
         .listeners
         .iter()
-        .map(|l| (if l.tls.is_some() { "wss" } else { "ws" }, l.addr))
+        .map(|l| {
+            (
+                if l.tls.is_some() {
+                    readiness::Kind::Tls
+                } else {
+                    readiness::Kind::Plain
+                },
+                l.addr,
+            )
+        })
         .collect();
     if let Some(admin) = &config.admin {
         let mut service = Service::new("vncgate-admin".to_owned(), AdminApp(Arc::clone(&gw)));
@@ -137,13 +163,19 @@ pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         service.threads = Some(1);
         service.add_tcp(&admin.addr.to_string());
         server.add_service(service);
-        announce.push(("admin", admin.addr));
+        announce.push((readiness::Kind::Admin, admin.addr));
     }
 
     server.add_service(background_service(
         "health-checks",
         HealthChecks(Arc::clone(&gw)),
     ));
+    if let Some(redis) = redis {
+        server.add_service(background_service(
+            "store-supervisor",
+            StoreSupervisor(Arc::clone(&gw), redis),
+        ));
+    }
     if let Some(jwks) = gw.verifier.jwks() {
         server.add_service(background_service(
             "jwks-refresh",
@@ -168,6 +200,38 @@ impl BackgroundService for HealthChecks {
     }
 }
 
+/// Keeps the Redis connection (reconnect, write-back) and the `{prefix}events` subscription.
+struct StoreSupervisor(Arc<Gateway>, Arc<RedisStore>);
+
+#[async_trait]
+impl BackgroundService for StoreSupervisor {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let gw = Arc::clone(&self.0);
+        let sessions = Arc::clone(&gw.sessions);
+        let live_pins: LivePins = Arc::new(move || {
+            sessions
+                .list()
+                .into_iter()
+                .map(|s| {
+                    let pin = Pin {
+                        backend: s.backend,
+                        pool: s.pool,
+                        owner: s.user_id,
+                        created_at_ms: s.started_at_ms,
+                        updated_at_ms: s.started_at_ms,
+                    };
+                    (s.session_id, pin)
+                })
+                .collect()
+        });
+        tokio::select! {
+            _ = Arc::clone(&self.1).run_supervisor(live_pins) => {}
+            _ = Arc::clone(&self.1).run_subscriber(control::subscriber(gw)) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
 struct JwksRefresh(Arc<Jwks>);
 
 #[async_trait]
@@ -180,24 +244,12 @@ impl BackgroundService for JwksRefresh {
     }
 }
 
-/// Logs `listening` for each address once it accepts TCP connections. Pingora binds inside its
-/// own service runtimes and has no "bound" callback, so readiness is observed from outside.
-struct Announcer(Vec<(&'static str, SocketAddr)>);
+struct Announcer(Vec<(readiness::Kind, SocketAddr)>);
 
 #[async_trait]
 impl BackgroundService for Announcer {
     async fn start(&self, _shutdown: ShutdownWatch) {
-        for (kind, addr) in &self.0 {
-            let mut delay = Duration::from_millis(5);
-            loop {
-                if tokio::net::TcpStream::connect(addr).await.is_ok() {
-                    tracing::info!(event = "listening", addr = %addr, kind = *kind, "listening on {kind} {addr}");
-                    break;
-                }
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_millis(200));
-            }
-        }
+        readiness::announce(&self.0).await;
     }
 }
 
@@ -220,17 +272,19 @@ impl BackgroundService for Drain {
             "shutting down: {live} live sessions get up to {}s",
             drain.as_secs()
         );
-        if tokio::time::timeout(drain, gw.sessions.wait_empty())
+        // Tickets, not registry entries: an upgrade still connecting to its backend holds a
+        // ticket before it registers, and must get its 1001 too.
+        if tokio::time::timeout(drain, gw.admission.wait_idle())
             .await
             .is_err()
         {
-            let closed = gw.sessions.close_all(CloseCode::GoingAway);
+            let closed = gw.sessions.close_all_from_now(CloseCode::GoingAway);
             tracing::info!(
                 event = "draining",
                 sessions = closed,
                 "drain deadline reached: closing with 1001"
             );
-            let _ = tokio::time::timeout(CLOSE_GRACE, gw.sessions.wait_empty()).await;
+            let _ = tokio::time::timeout(CLOSE_GRACE, gw.admission.wait_idle()).await;
         }
         tracing::info!(event = "shutdown_complete", "all sessions closed; exiting");
         std::process::exit(0);

@@ -24,6 +24,8 @@ pub struct SessionInfo {
     pub token_exp: u64,
     pub client_addr: Option<SocketAddr>,
     pub started: Instant,
+    /// Wall-clock start (unix ms), for the pin written back to a store that lost it.
+    pub started_at_ms: u64,
 }
 
 struct Entry {
@@ -35,6 +37,9 @@ pub struct Registry {
     entries: Mutex<HashMap<u64, Entry>>,
     next_conn_id: AtomicU64,
     count: watch::Sender<usize>,
+    /// Set by [`Registry::close_all_from_now`]: sessions registering afterwards (their upgrade
+    /// was already under way) start closed with this code.
+    closing: Mutex<Option<CloseCode>>,
 }
 
 /// Removes the session from the registry when the session task ends, however it ends.
@@ -47,9 +52,9 @@ impl Drop for Registration {
     fn drop(&mut self) {
         let mut entries = self.registry.lock();
         entries.remove(&self.conn_id);
-        let n = entries.len();
-        drop(entries);
-        self.registry.count.send_replace(n);
+        // Published under the lock: two sessions ending at once must not publish out of order
+        // (a stale 1 after 0 would leave the drain waiting for a session that is gone).
+        self.registry.count.send_replace(entries.len());
     }
 }
 
@@ -59,6 +64,7 @@ impl Default for Registry {
             entries: Mutex::new(HashMap::new()),
             next_conn_id: AtomicU64::new(1),
             count: watch::Sender::new(0),
+            closing: Mutex::new(None),
         }
     }
 }
@@ -81,13 +87,12 @@ impl Registry {
         self: &Arc<Self>,
         info: SessionInfo,
     ) -> (Registration, watch::Receiver<Option<CloseCode>>) {
-        let (tx, rx) = watch::channel(None);
+        let closing = *self.closing.lock().unwrap_or_else(|p| p.into_inner());
+        let (tx, rx) = watch::channel(closing);
         let conn_id = info.conn_id;
         let mut entries = self.lock();
         entries.insert(conn_id, Entry { info, control: tx });
-        let n = entries.len();
-        drop(entries);
-        self.count.send_replace(n);
+        self.count.send_replace(entries.len());
         (
             Registration {
                 registry: Arc::clone(self),
@@ -118,6 +123,12 @@ impl Registry {
 
     pub fn close_all(&self, code: CloseCode) -> usize {
         self.close_where(code, |_| true)
+    }
+
+    /// Close every session with `code`, including those that register later (drain).
+    pub fn close_all_from_now(&self, code: CloseCode) -> usize {
+        *self.closing.lock().unwrap_or_else(|p| p.into_inner()) = Some(code);
+        self.close_all(code)
     }
 
     pub fn len(&self) -> usize {
@@ -167,6 +178,7 @@ mod tests {
             token_exp: 0,
             client_addr: None,
             started: Instant::now(),
+            started_at_ms: 0,
         }
     }
 
@@ -204,6 +216,14 @@ mod tests {
         assert_eq!(*rx.borrow(), Some(CloseCode::TokenExpired));
         assert_eq!(*other.borrow(), None, "only the expired connection closes");
         timer.abort();
+    }
+
+    #[tokio::test]
+    async fn sessions_registering_after_a_drain_start_closed() {
+        let r = Registry::new();
+        r.close_all_from_now(CloseCode::GoingAway);
+        let (_g, rx) = r.register(info(1, "late"));
+        assert_eq!(*rx.borrow(), Some(CloseCode::GoingAway));
     }
 
     #[tokio::test]

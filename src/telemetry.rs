@@ -11,12 +11,26 @@ use std::io::Write;
 use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
+use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::LogFormat;
+
+/// Whatever the configured level: tungstenite at debug/trace dumps frame payloads (keystrokes,
+/// VNC passwords) and Pingora at trace dumps request headers (tokens). Those never reach a log.
+fn never_secret(meta: &tracing::Metadata<'_>) -> bool {
+    let target = meta.target();
+    if target.starts_with("tungstenite") || target.starts_with("tokio_tungstenite") {
+        return *meta.level() <= tracing::Level::INFO;
+    }
+    if target.starts_with("pingora") {
+        return *meta.level() <= tracing::Level::DEBUG;
+    }
+    true
+}
 
 /// The environment variable that overrides `logging.level` (tracing filter syntax).
 pub const LOG_ENV: &str = "VNCGATE_LOG";
@@ -28,7 +42,9 @@ pub fn init(format: LogFormat, level: &str) {
         .and_then(|v| EnvFilter::try_new(v).ok())
         .or_else(|| EnvFilter::try_new(level).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
-    let registry = tracing_subscriber::registry().with(filter);
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(filter_fn(never_secret));
     // `try_init` also installs the `log` -> `tracing` bridge for Pingora's log lines; it fails
     // only when a subscriber is already set (tests that init twice), which is harmless.
     let _ = match format {
@@ -114,10 +130,10 @@ where
         values: &tracing::span::Record<'_>,
         ctx: Context<'_, S>,
     ) {
-        if let Some(span) = ctx.span(id) {
-            if let Some(fields) = span.extensions_mut().get_mut::<SpanFields>() {
-                values.record(&mut Collect(&mut fields.0));
-            }
+        if let Some(span) = ctx.span(id)
+            && let Some(fields) = span.extensions_mut().get_mut::<SpanFields>()
+        {
+            values.record(&mut Collect(&mut fields.0));
         }
     }
 

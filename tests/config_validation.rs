@@ -452,7 +452,7 @@ logging:
             "admin.token_env: environment variable ADMIN_TOKEN is not set",
             r#"auth.algorithms[1]: unsupported algorithm "none" (expected HS256, HS384, HS512, RS256, RS384, RS512, PS256, ES256, ES384 or EdDSA)"#,
             "auth.secret_env: environment variable VNCGATE_JWT_SECRET is not set",
-            r#"auth.jwks_url: must be an http:// or https:// URL: "ftp://idp.example.com/jwks""#,
+            r#"auth.jwks_url: must be an https:// URL (http:// only on loopback): "ftp://idp.example.com/jwks""#,
             "auth.issuer: must not be empty (use null to disable the check)",
             "auth.leeway_seconds: must be at most 300",
             r#"auth.allowed_origins[0]: invalid origin "https://vnc.example.com/" (expected scheme://host[:port], no path)"#,
@@ -741,11 +741,12 @@ fn asymmetric_key_problems(#[case] auth: &str, #[case] expected: &str) {
 
 #[test]
 fn jwks_url_alone_is_enough_for_asymmetric() {
-    let yaml = minimal_with("auth:\n  algorithms: [EdDSA]\n  jwks_url: http://idp.internal/jwks\n");
+    let yaml =
+        minimal_with("auth:\n  algorithms: [EdDSA]\n  jwks_url: https://idp.internal/jwks\n");
     let config = load_ok(&yaml, &[]);
     assert_eq!(
         config.auth.jwks_url.as_deref(),
-        Some("http://idp.internal/jwks")
+        Some("https://idp.internal/jwks")
     );
 }
 

@@ -103,7 +103,7 @@ async fn health_readiness_metrics_and_admin_auth() {
     let ready: serde_json::Value = serde_json::from_str(&body).expect("json");
     assert_eq!(
         ready,
-        serde_json::json!({"status": "ready", "store": "ok", "backends": {"healthy": 1, "total": 1}})
+        serde_json::json!({"status": "ready", "store": "ok", "backends": {"healthy": 1, "total": 1}, "draining": false})
     );
 
     // Every contract metric exists from the start, even at zero.

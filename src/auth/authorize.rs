@@ -33,10 +33,10 @@ pub fn authorize(claims: &Claims, config: &Config) -> Result<(), AuthError> {
     let pool = config
         .pool(claims.pool_name())
         .ok_or(AuthError::PoolUnknown)?;
-    if let Some(name) = &claims.backend {
-        if !pool.backends.iter().any(|b| &b.name == name) {
-            return Err(AuthError::BackendNotAllowed);
-        }
+    if let Some(name) = &claims.backend
+        && !pool.backends.iter().any(|b| &b.name == name)
+    {
+        return Err(AuthError::BackendNotAllowed);
     }
     Ok(())
 }

@@ -56,10 +56,11 @@ pub fn subprotocols(headers: &HeaderMap) -> Result<Subprotocols, AuthError> {
             out.offered = true;
             if entry == BINARY_PROTOCOL {
                 out.has_binary = true;
-            } else if let Some(token) = entry.strip_prefix(BEARER_PROTOCOL_PREFIX) {
-                if out.bearer.is_none() && !token.is_empty() {
-                    out.bearer = Some(token.to_owned());
-                }
+            } else if let Some(token) = entry.strip_prefix(BEARER_PROTOCOL_PREFIX)
+                && out.bearer.is_none()
+                && !token.is_empty()
+            {
+                out.bearer = Some(token.to_owned());
             }
         }
     }

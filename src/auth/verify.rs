@@ -57,14 +57,14 @@ fn is_hmac(alg: Algorithm) -> bool {
 impl Verifier {
     pub fn new(cfg: &AuthConfig) -> Result<Verifier, KeyError> {
         let mut keys = Vec::new();
-        if cfg.algorithms.iter().any(|a| is_hmac(*a)) {
-            if let Some(secret) = &cfg.secret {
-                keys.push(Key {
-                    kid: None,
-                    alg: None,
-                    key: DecodingKey::from_secret(secret.expose().as_bytes()),
-                });
-            }
+        if cfg.algorithms.iter().any(|a| is_hmac(*a))
+            && let Some(secret) = &cfg.secret
+        {
+            keys.push(Key {
+                kid: None,
+                alg: None,
+                key: DecodingKey::from_secret(secret.expose().as_bytes()),
+            });
         }
         for path in &cfg.public_key_files {
             let shown = path.display().to_string();
@@ -146,7 +146,7 @@ impl Verifier {
         let validation = self.validation(header.alg);
         for key in candidates {
             match decode::<Claims>(token, &key.key, &validation) {
-                Ok(data) => return Ok(data.claims),
+                Ok(data) => return self.check_iat(data.claims),
                 // Not this key (another curve, another modulus): try the next one.
                 Err(e)
                     if matches!(
@@ -164,6 +164,17 @@ impl Verifier {
             }
         }
         Err(AuthError::Signature)
+    }
+
+    /// jsonwebtoken does not look at `iat`; a token issued in the future (beyond the leeway)
+    /// is not valid yet.
+    fn check_iat(&self, claims: Claims) -> Result<Claims, AuthError> {
+        match claims.iat {
+            Some(iat) if iat > super::mint::now_unix().saturating_add(self.leeway_secs) => {
+                Err(AuthError::NotYetValid)
+            }
+            _ => Ok(claims),
+        }
     }
 
     fn validation(&self, alg: Algorithm) -> Validation {

@@ -13,7 +13,7 @@
 pub mod backend;
 mod close;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -81,7 +81,7 @@ impl Drop for Held<'_> {
     }
 }
 
-/// Milliseconds since the session started; an atomic so both pumps can read and write it.
+/// Milliseconds since the session started, the unit of the pumps' shared timestamps.
 struct Clock {
     start: Instant,
 }
@@ -110,7 +110,12 @@ where
     let clock = Clock {
         start: Instant::now(),
     };
+    // Shared by the two pumps (two futures of one task); atomics only because the task must be
+    // `Send`, never contended.
     let last_seen = AtomicU64::new(0);
+    // While a backend write is pending the client pump reads nothing, pongs included; that
+    // silence is the backend's backpressure, not a dead client.
+    let writing_backend = AtomicBool::new(false);
     let last_input = AtomicU64::new(0);
     let bytes_in = AtomicU64::new(0);
     let bytes_out = AtomicU64::new(0);
@@ -132,7 +137,10 @@ where
                     let n = data.len();
                     let _held = Held::new(&meters.buffered, n);
                     let started = Instant::now();
+                    writing_backend.store(true, Ordering::Relaxed);
                     let written = backend_write.write_chunk(data).await;
+                    writing_backend.store(false, Ordering::Relaxed);
+                    last_seen.store(clock.now_ms(), Ordering::Relaxed);
                     meters
                         .client_to_backend_wait
                         .inc_by(started.elapsed().as_secs_f64());
@@ -181,7 +189,7 @@ where
                 }
                 _ = ping.tick() => {
                     let silent = clock.now_ms().saturating_sub(last_seen.load(Ordering::Relaxed));
-                    if Duration::from_millis(silent) > dead_after {
+                    if Duration::from_millis(silent) > dead_after && !writing_backend.load(Ordering::Relaxed) {
                         return EndReason::Client(CloseCode::Abnormal);
                     }
                     if let Err(end) = send_or_stall(&mut sink, Message::Ping(Bytes::new()), dead_after, &mut control).await {
@@ -216,7 +224,9 @@ where
     };
 
     finish(&mut sink, &mut stream, end).await;
-    backend_write.shutdown().await;
+    // Bounded: a WebSocket backend that stopped reading would otherwise hold the session (and
+    // its slots and gauges) forever while its close waits to flush.
+    let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, backend_write.shutdown()).await;
     Outcome {
         end,
         bytes_in: bytes_in.load(Ordering::Relaxed),

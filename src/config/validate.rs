@@ -90,8 +90,10 @@ const MIN_SECRET_BYTES: usize = 32;
 const MAX_LEEWAY_SECONDS: u64 = 300;
 /// Range for counts (threads, sessions, rates): at least one, and small enough for `u32`/`usize`.
 const COUNT: RangeInclusive<u64> = 1..=u32::MAX as u64;
-/// Range for intervals that must not be zero.
-const SECONDS: RangeInclusive<u64> = 1..=u64::MAX;
+/// Range for intervals that must not be zero. Thirty days is far beyond any sensible value
+/// and keeps every `Instant + Duration` the runtime computes from overflowing.
+const SECONDS: RangeInclusive<u64> = 1..=MAX_SECONDS;
+const MAX_SECONDS: u64 = 30 * 24 * 3600;
 
 /// The algorithms vncgate accepts. Deliberately narrower than `jsonwebtoken::Algorithm`: `none`
 /// has no entry at all, and PS384/PS512/ES512 are left out.
@@ -163,7 +165,13 @@ fn resolve_server(p: &mut Problems, raw: RawServer) -> ServerSettings {
             raw.upgrade_sock,
             "/tmp/vncgate_upgrade.sock",
         ),
-        drain: Duration::from_secs(raw.drain_seconds.unwrap_or(300)),
+        drain: Duration::from_secs(bounded(
+            p,
+            "server.drain_seconds",
+            raw.drain_seconds,
+            300,
+            0..=86400,
+        )),
     }
 }
 
@@ -255,14 +263,21 @@ fn resolve_auth(p: &mut Problems, raw: RawAuth, env: Env<'_>) -> AuthConfig {
         .map(|(i, file)| check_file(p, &format!("auth.public_key_files[{i}]"), file))
         .collect();
     let jwks_url = raw.jwks_url.inspect(|url| {
-        let has_scheme = ["http://", "https://"].iter().any(|scheme| {
-            url.strip_prefix(scheme)
-                .is_some_and(|rest| !rest.is_empty())
-        });
-        if !has_scheme {
+        // Keys fetched in clear text could be swapped in transit: https only, except for an
+        // identity provider on this host (sidecars, tests).
+        let https = url
+            .strip_prefix("https://")
+            .is_some_and(|rest| !rest.is_empty());
+        let loopback = ["http://127.0.0.1", "http://localhost", "http://[::1]"]
+            .iter()
+            .any(|prefix| {
+                url.strip_prefix(prefix)
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with([':', '/']))
+            });
+        if !https && !loopback {
             p.add(
                 "auth.jwks_url",
-                format!("must be an http:// or https:// URL: {url:?}"),
+                format!("must be an https:// URL (http:// only on loopback): {url:?}"),
             );
         }
     });
@@ -626,7 +641,13 @@ fn resolve_limits(p: &mut Problems, raw: RawLimits) -> Limits {
         60,
         COUNT,
     );
-    let idle = raw.idle_timeout_seconds.unwrap_or(0);
+    let idle = bounded(
+        p,
+        &key("idle_timeout_seconds"),
+        raw.idle_timeout_seconds,
+        0,
+        0..=MAX_SECONDS,
+    );
     let message_bytes = bounded(
         p,
         &key("max_message_bytes"),

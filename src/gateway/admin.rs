@@ -5,17 +5,18 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use http::{Response, StatusCode};
-use pingora_core::apps::http_app::ServeHttp;
+use pingora_core::apps::{HttpServerApp, ReusedHttpStream};
 use pingora_core::protocols::http::ServerSession;
+use pingora_core::server::ShutdownWatch;
 use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
-use super::Gateway;
+use super::{Gateway, KEEPALIVE_SECONDS, respond};
 use crate::auth::mint::now_unix;
-use crate::bridge::CloseCode;
+use crate::control::{self, ControlEvent};
 
 pub struct AdminApp(pub Arc<Gateway>);
 
@@ -35,18 +36,13 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response<Vec<u8>> {
 }
 
 impl AdminApp {
+    /// 200 when this instance should get traffic; 503 (same shape) when no backend is healthy
+    /// or it is draining. `status` is `degraded` while the session store is unreachable.
     fn readyz(&self) -> Response<Vec<u8>> {
         let gw = &self.0;
         let (healthy, total) = gw.router.health().counts();
         let store_up = gw.router.store().is_up();
         let draining = gw.admission.is_draining();
-        let status = if draining {
-            "draining"
-        } else if store_up {
-            "ready"
-        } else {
-            "degraded"
-        };
         let code = if draining || healthy == 0 {
             StatusCode::SERVICE_UNAVAILABLE
         } else {
@@ -55,9 +51,10 @@ impl AdminApp {
         json_response(
             code,
             json!({
-                "status": status,
+                "status": if store_up { "ready" } else { "degraded" },
                 "store": if store_up { "ok" } else { "unreachable" },
                 "backends": { "healthy": healthy, "total": total },
+                "draining": draining,
             }),
         )
     }
@@ -131,6 +128,7 @@ async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, Response<Vec<
 /// Revocations are kept until the token expires; when the caller does not say when that is and
 /// no live session tells us, a day covers any sensible token lifetime.
 const DEFAULT_REVOCATION_TTL: Duration = Duration::from_secs(24 * 3600);
+const MAX_REVOCATION_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -142,13 +140,37 @@ struct RevokeRequest {
 }
 
 impl AdminApp {
-    /// `DELETE /admin/sessions/{sid}`: close every connection of the session with 4003.
-    fn kick(&self, sid: &str) -> Response<Vec<u8>> {
-        let closed = self
-            .0
-            .sessions
-            .close_where(CloseCode::Kicked, |s| s.session_id == sid);
-        if closed == 0 {
+    /// `GET /admin/backends`: health and live sessions per backend, sorted by pool and name.
+    fn backends(&self) -> Response<Vec<u8>> {
+        let mut list: Vec<_> = self.0.router.health().all().collect();
+        list.sort_by(|a, b| (&a.pool, &a.name).cmp(&(&b.pool, &b.name)));
+        let list: Vec<_> = list
+            .into_iter()
+            .map(|b| {
+                json!({
+                    "pool": b.pool,
+                    "name": b.name,
+                    "addr": b.addr.to_string(),
+                    "up": b.is_up(),
+                    "sessions": b.sessions(),
+                })
+            })
+            .collect();
+        json_response(StatusCode::OK, json!({ "backends": list }))
+    }
+
+    /// `DELETE /admin/sessions/{sid}`: close every connection of the session with 4003, on
+    /// every replica. 404 when the session is neither live here nor pinned in the store.
+    async fn kick(&self, sid: &str) -> Response<Vec<u8>> {
+        let gw = &self.0;
+        let closed = control::broadcast(
+            gw,
+            ControlEvent::Kick {
+                session_id: sid.to_owned(),
+            },
+        )
+        .await;
+        if closed == 0 && matches!(gw.router.store().get(sid).await, Ok(None)) {
             return error(
                 StatusCode::NOT_FOUND,
                 "not_found",
@@ -197,20 +219,30 @@ impl AdminApp {
             .max();
         let now = now_unix();
         let ttl = match request.exp.or(live_exp) {
-            Some(exp) => Duration::from_secs(exp.saturating_sub(now)) + gw.config.auth.leeway,
+            // Capped: a revocation outliving any sane token must not be kept forever.
+            Some(exp) => {
+                Duration::from_secs(exp.saturating_sub(now).min(MAX_REVOCATION_TTL.as_secs()))
+                    + gw.config.auth.leeway
+            }
             None => DEFAULT_REVOCATION_TTL,
         };
-        if let Err(e) = gw.router.store().revoke(&request.jti, ttl).await {
+        let stored = gw.router.revoke(&request.jti, ttl).await;
+        let event = ControlEvent::Revoke {
+            jti: request.jti.clone(),
+            ttl_ms: ttl.as_millis() as u64,
+        };
+        let closed = control::broadcast(gw, event).await;
+        if let Err(e) = stored {
             tracing::warn!(event = "store_error", op = "revoke", error = %e, "revocation not stored");
-            return error(
+            return json_response(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "store_unavailable",
-                "the revocation could not be stored",
+                json!({
+                    "error": "store_unavailable",
+                    "message": "revoked on this replica only: the session store is unreachable",
+                    "closed": closed,
+                }),
             );
         }
-        let closed = gw.sessions.close_where(CloseCode::Kicked, |s| {
-            s.jti.as_deref() == Some(&request.jti)
-        });
         tracing::info!(event = "token_revoked", jti = %request.jti, closed, ttl_seconds = ttl.as_secs(), "token revoked by admin");
         json_response(
             StatusCode::OK,
@@ -219,9 +251,38 @@ impl AdminApp {
     }
 }
 
+/// Not Pingora's `ServeHttp`: that one logs a malformed request's raw bytes at error level,
+/// which would put the admin bearer token in the logs.
 #[async_trait]
-impl ServeHttp for AdminApp {
-    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+impl HttpServerApp for AdminApp {
+    async fn process_new_http(
+        self: &Arc<Self>,
+        mut session: ServerSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        match session.read_request().await {
+            Ok(true) => {}
+            Ok(false) | Err(_) => return None,
+        }
+        session.set_keepalive(if *shutdown.borrow() {
+            None
+        } else {
+            Some(KEEPALIVE_SECONDS)
+        });
+        let response = self.route(&mut session).await;
+        let (parts, body) = response.into_parts();
+        let content_type = parts
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("application/json")
+            .to_owned();
+        respond::send(session, parts.status, &content_type, body, &[]).await
+    }
+}
+
+impl AdminApp {
+    async fn route(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let method = session.req_header().method.clone();
         let path = session.req_header().uri.path().to_owned();
         match (method.as_str(), path.as_str()) {
@@ -246,8 +307,9 @@ impl ServeHttp for AdminApp {
                 }
                 match (method.as_str(), p) {
                     ("GET", "/admin/sessions") => self.sessions(),
+                    ("GET", "/admin/backends") => self.backends(),
                     ("DELETE", p) if p.starts_with("/admin/sessions/") => {
-                        self.kick(&p["/admin/sessions/".len()..])
+                        self.kick(&p["/admin/sessions/".len()..]).await
                     }
                     ("POST", "/admin/revoke") => match read_body(session).await {
                         Ok(body) => self.revoke(&body).await,

@@ -28,6 +28,9 @@ use crate::routing::Router;
 use crate::sessions::Registry;
 use refusal::{ErrorCode, Refusal};
 
+/// How long an idle keep-alive connection may wait for its next request.
+pub(crate) const KEEPALIVE_SECONDS: u64 = 60;
+
 /// Everything a connection needs, built once at start.
 pub struct Gateway {
     pub config: Arc<Config>,
@@ -53,9 +56,13 @@ impl HttpServerApp for App {
             // The client closed an idle keep-alive connection, or sent garbage: nothing to answer.
             Ok(false) | Err(_) => return None,
         }
-        if *shutdown.borrow() {
-            session.set_keepalive(None);
-        }
+        // Pingora leaves a reused keep-alive connection without any read timeout; without this
+        // a client could hold a connection open forever after one cheap request.
+        session.set_keepalive(if *shutdown.borrow() {
+            None
+        } else {
+            Some(KEEPALIVE_SECONDS)
+        });
         let gw = &self.0;
         let path = session.req_header().uri.path().to_owned();
         if gw.config.paths.contains(&path) {
@@ -72,19 +79,12 @@ impl HttpServerApp for App {
             )
             .await;
         }
-        if readable {
-            if let Some(root) = &gw.config.web_root {
-                if let Some(file) = static_files::load(root, &path).await {
-                    return respond::send(
-                        session,
-                        StatusCode::OK,
-                        &file.content_type,
-                        file.body,
-                        &[],
-                    )
-                    .await;
-                }
-            }
+        if readable
+            && let Some(root) = &gw.config.web_root
+            && let Some(file) = static_files::load(root, &path).await
+        {
+            return respond::send(session, StatusCode::OK, &file.content_type, file.body, &[])
+                .await;
         }
         let refusal = Refusal::new(ErrorCode::NotFound, "no such path");
         respond::send(

@@ -25,11 +25,15 @@ use crate::auth::{Claims, authorize, extract};
 use crate::bridge::CloseCode;
 use crate::bridge::{self, BridgeLimits, Meters, backend};
 use crate::config::{BackendConfig, BackendProtocol, OnExpiry};
-use crate::routing::Placement;
+use crate::metrics::GaugeGuard;
 use crate::routing::health::BackendSessionGuard;
+use crate::routing::{Pin, Placement};
 use crate::sessions::SessionInfo;
 
 const BACKEND_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bytes taken along with the 101; a client has no reason to send more before the backend has
+/// spoken, and the bound keeps this loop from copying an arbitrary burst.
+const MAX_EARLY_BYTES: usize = 64 * 1024;
 /// Room for any real JWT (a few KiB even with many claims) in any of the four token sources.
 const MAX_UPGRADE_HEAD_BYTES: usize = 16 * 1024;
 
@@ -87,11 +91,11 @@ async fn run(
             gw.metrics
                 .upgrade_duration
                 .observe(started.elapsed().as_secs_f64());
-            gw.metrics.upgrades_total.with_label_values(&["ok"]).inc();
             let early = match switch_protocols(&mut session, &admitted.handshake).await {
                 Some(early) => early,
                 None => return None,
             };
+            gw.metrics.upgrades_total.with_label_values(&["ok"]).inc();
             let ServerSession::H1(h1) = session else {
                 return None;
             };
@@ -142,16 +146,10 @@ async fn admit(
     let claims = gw.verifier.verify(&token).await?;
     drop(token);
     authorize::authorize(&claims, config)?;
-    if let Some(jti) = &claims.jti {
-        match gw.router.store().is_revoked(jti).await {
-            Ok(true) => return Err(crate::auth::AuthError::Revoked.into()),
-            Ok(false) => {}
-            // Unknown is not revoked: refusing every token while the store is away would turn
-            // a store outage into a login outage. Live sessions still get revocations by event.
-            Err(e) => {
-                tracing::warn!(event = "store_error", op = "get", error = %e, "revocation check failed")
-            }
-        }
+    if let Some(jti) = &claims.jti
+        && gw.router.is_revoked(jti).await
+    {
+        return Err(crate::auth::AuthError::Revoked.into());
     }
     let span = Span::current();
     span.record("session_id", claims.session_id());
@@ -167,12 +165,15 @@ async fn admit(
     let placement = gw.router.place(config, &claims).await?;
     span.record("backend", placement.backend.name.as_str());
     let connect_started = Instant::now();
-    let backend = match connect(&placement.backend).await {
+    let backend = match connect(&placement.backend, config.limits.max_message_bytes).await {
         Ok(conn) => conn,
         Err(e) => {
             gw.router
                 .health()
                 .report_connect_failure(&placement.state, &e);
+            gw.router
+                .release_created(claims.session_id(), &placement)
+                .await;
             tracing::warn!(event = "backend_connect_failed", error = %e, "backend connect failed");
             return Err(Refusal::new(
                 ErrorCode::BackendConnectFailed,
@@ -195,7 +196,7 @@ async fn admit(
     })
 }
 
-async fn connect(backend: &BackendConfig) -> Result<BackendConn, String> {
+async fn connect(backend: &BackendConfig, max_message_bytes: usize) -> Result<BackendConn, String> {
     let target = (backend.addr.host.as_str(), backend.addr.port);
     let tcp = tokio::time::timeout(BACKEND_CONNECT_TIMEOUT, TcpStream::connect(target))
         .await
@@ -207,7 +208,13 @@ async fn connect(backend: &BackendConfig) -> Result<BackendConn, String> {
         BackendProtocol::Rfb => Ok(BackendConn::Tcp(tcp)),
         BackendProtocol::WebSocket { path } => {
             let url = format!("ws://{}{}", backend.addr, path);
-            let handshake = tokio_tungstenite::client_async_with_config(url, tcp, None);
+            // The same limits as the client side: a backend's message is relayed as one frame,
+            // so it must not be larger than what a client may send either.
+            let config = WebSocketConfig::default()
+                .max_message_size(Some(max_message_bytes))
+                .max_frame_size(Some(max_message_bytes))
+                .write_buffer_size(0);
+            let handshake = tokio_tungstenite::client_async_with_config(url, tcp, Some(config));
             let (ws, _) = tokio::time::timeout(BACKEND_CONNECT_TIMEOUT, handshake)
                 .await
                 .map_err(|_| "websocket handshake timed out".to_owned())?
@@ -292,8 +299,11 @@ async fn switch_protocols(session: &mut ServerSession, handshake: &Handshake) ->
     // After the 101 Pingora treats the rest of the stream as the body. Take only what is
     // already buffered or readable without waiting: RFB's server speaks first, so a client may
     // legitimately send nothing until the backend's greeting arrives.
-    while let Some(Ok(Some(chunk))) = session.read_request_body().now_or_never() {
-        early.extend_from_slice(&chunk);
+    while early.len() < MAX_EARLY_BYTES {
+        match session.read_request_body().now_or_never() {
+            Some(Ok(Some(chunk))) => early.extend_from_slice(&chunk),
+            _ => break,
+        }
     }
     Some(early)
 }
@@ -328,6 +338,14 @@ async fn serve(
     } = admitted;
     let pool = placement.pool.as_str();
     let sid = claims.session_id().to_owned();
+    let now = crate::routing::store::unix_ms();
+    let pin = Pin {
+        backend: placement.backend.name.clone(),
+        pool: pool.to_owned(),
+        owner: claims.sub.clone(),
+        created_at_ms: now,
+        updated_at_ms: now,
+    };
     let (_registration, control) = gw.sessions.register(SessionInfo {
         conn_id,
         session_id: sid.clone(),
@@ -338,9 +356,9 @@ async fn serve(
         token_exp: claims.exp,
         client_addr,
         started: Instant::now(),
+        started_at_ms: now,
     });
-    let active = gw.metrics.sessions_active.with_label_values(&[pool]);
-    active.inc();
+    let _active = GaugeGuard::inc(gw.metrics.sessions_active.with_label_values(&[pool]));
     tracing::info!(
         event = "session_started",
         view_only = claims.view_only,
@@ -354,7 +372,7 @@ async fn serve(
     };
     let meters = meters(gw);
     let outcome = {
-        let refresh = keep_pin_alive(gw, &sid);
+        let refresh = keep_pin_alive(gw, &sid, &pin);
         let relay = async {
             match backend {
                 BackendConn::Tcp(tcp) => {
@@ -370,7 +388,7 @@ async fn serve(
         let expiry = async {
             match config.auth.on_expiry {
                 OnExpiry::Close => {
-                    let deadline = claims.exp + config.auth.leeway.as_secs();
+                    let deadline = claims.exp.saturating_add(config.auth.leeway.as_secs());
                     let left = Duration::from_secs(deadline.saturating_sub(now_unix()));
                     gw.sessions
                         .close_after(conn_id, left, CloseCode::TokenExpired)
@@ -385,7 +403,6 @@ async fn serve(
             never = expiry => match never {},
         }
     };
-    active.dec();
     let code = outcome.end.code();
     gw.metrics
         .disconnects_total
@@ -395,10 +412,9 @@ async fn serve(
         .session_duration
         .with_label_values(&[pool])
         .observe(started.elapsed().as_secs_f64());
-    // The pin outlives the session by the idle TTL from now.
-    if let Err(e) = gw.router.store().refresh(&sid, gw.router.idle_ttl()).await {
-        tracing::warn!(event = "store_error", op = "refresh", error = %e, "pin refresh failed");
-    }
+    // The pin outlives the session by the idle TTL from now. A store error was already logged
+    // and counted by the store; the local cache still holds the pin.
+    let _ = gw.router.refresh_pin(&sid, &pin).await;
     tracing::info!(
         event = "session_ended",
         close_code = code.as_u16(),
@@ -414,15 +430,13 @@ async fn serve(
 }
 
 /// Refresh the pin while the session lives, so a session longer than the idle TTL keeps it.
-async fn keep_pin_alive(gw: &Arc<Gateway>, sid: &str) -> std::convert::Infallible {
+async fn keep_pin_alive(gw: &Arc<Gateway>, sid: &str, pin: &Pin) -> std::convert::Infallible {
     let ttl = gw.router.idle_ttl();
     let mut tick = tokio::time::interval((ttl / 3).max(Duration::from_secs(1)));
     tick.tick().await;
     loop {
         tick.tick().await;
-        if let Err(e) = gw.router.store().refresh(sid, ttl).await {
-            tracing::warn!(event = "store_error", op = "refresh", error = %e, "pin refresh failed");
-        }
+        let _ = gw.router.refresh_pin(sid, pin).await;
     }
 }
 

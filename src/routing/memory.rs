@@ -79,11 +79,40 @@ impl SessionStore for MemoryStore {
         Ok(())
     }
 
-    async fn refresh(&self, sid: &str, ttl: Duration) -> Result<(), StoreError> {
-        if let Some((pin, exp)) = self.lock().live(sid) {
-            pin.updated_at_ms = unix_ms();
-            *exp = Instant::now() + ttl;
+    async fn refresh(&self, sid: &str, pin: &Pin, ttl: Duration) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        match inner.live(sid) {
+            Some((held, exp)) => {
+                held.updated_at_ms = unix_ms();
+                *exp = Instant::now() + ttl;
+            }
+            None => {
+                let pin = Pin {
+                    updated_at_ms: unix_ms(),
+                    ..pin.clone()
+                };
+                inner
+                    .pins
+                    .insert(sid.to_owned(), (pin, Instant::now() + ttl));
+            }
         }
+        Ok(())
+    }
+
+    async fn release(&self, sid: &str, pin: &Pin) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let same = inner.pins.get(sid).is_some_and(|(held, _)| {
+            held.owner == pin.owner
+                && held.backend == pin.backend
+                && held.created_at_ms == pin.created_at_ms
+        });
+        if same {
+            inner.pins.remove(sid);
+        }
+        Ok(())
+    }
+
+    async fn publish(&self, _payload: &str) -> Result<(), StoreError> {
         Ok(())
     }
 

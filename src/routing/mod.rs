@@ -11,6 +11,7 @@
 pub mod health;
 pub mod memory;
 pub mod placement;
+pub mod redis;
 pub mod store;
 
 use std::sync::Arc;
@@ -43,18 +44,30 @@ pub struct Placement {
     pub pool: String,
     pub backend: BackendConfig,
     pub state: Arc<BackendState>,
+    /// The pin, when this placement created it (a first connection).
+    pub created: Option<Pin>,
 }
 
 pub struct Router {
     store: Arc<dyn SessionStore>,
+    /// For a remote store: the pins and revocations this replica has seen, consulted when the
+    /// store is unreachable so reconnects still reach their desktop.
+    local: Option<MemoryStore>,
     health: Arc<Health>,
     idle_ttl: Duration,
 }
 
 impl Router {
-    pub fn new(store: Arc<dyn SessionStore>, health: Arc<Health>, idle_ttl: Duration) -> Router {
+    /// `remote`: the store is shared and can fail (Redis), so keep a local cache next to it.
+    pub fn new(
+        store: Arc<dyn SessionStore>,
+        remote: bool,
+        health: Arc<Health>,
+        idle_ttl: Duration,
+    ) -> Router {
         Router {
             store,
+            local: remote.then(MemoryStore::new),
             health,
             idle_ttl,
         }
@@ -79,9 +92,13 @@ impl Router {
             .pool(pool_name)
             .ok_or_else(|| RoutingError::PoolUnknown(pool_name.to_owned()))?;
         let sid = claims.session_id();
-        // A store failure must not refuse a connection: fall through to placement, which is
-        // deterministic (rendezvous) so replicas still agree while the store is away.
-        let existing = self.store.get(sid).await.unwrap_or_default();
+        // A store failure must not refuse a connection: use the local cache, else place
+        // deterministically (rendezvous only) so replicas still agree while the store is away.
+        let (existing, degraded) = match self.store.get(sid).await {
+            Ok(pin) => (pin, false),
+            Err(_) => (self.cached(sid).await, true),
+        };
+        let stale = existing.is_some();
         if let Some(pin) = existing {
             if pin.owner != claims.sub {
                 return Err(RoutingError::OwnedByOtherUser);
@@ -90,7 +107,7 @@ impl Router {
                 return Ok(placement);
             }
         }
-        let chosen = self.choose(pool_name, pool, claims)?;
+        let chosen = self.choose(pool_name, pool, claims, degraded)?;
         let now = store::unix_ms();
         let mine = Pin {
             backend: chosen.backend.name.clone(),
@@ -99,12 +116,26 @@ impl Router {
             created_at_ms: now,
             updated_at_ms: now,
         };
-        let held = match self.store.claim(sid, mine.clone(), self.idle_ttl).await {
-            Ok(held) => held,
-            Err(_) => mine,
+        // A pin whose backend left the config is overwritten (claim would hand it back);
+        // otherwise claim, so concurrent first connections agree on one backend.
+        let held = if stale {
+            let _ = self.store.replace(sid, mine.clone(), self.idle_ttl).await;
+            mine.clone()
+        } else {
+            match self.store.claim(sid, mine.clone(), self.idle_ttl).await {
+                Ok(held) => held,
+                Err(_) => mine.clone(),
+            }
         };
+        self.remember(sid, &held).await;
         if held.owner != claims.sub {
             return Err(RoutingError::OwnedByOtherUser);
+        }
+        if held == mine {
+            return Ok(Placement {
+                created: Some(mine),
+                ..chosen
+            });
         }
         if held.backend == chosen.backend.name {
             return Ok(chosen);
@@ -113,6 +144,69 @@ impl Router {
         self.reuse(pool_name, pool, &held, claims)
             .await?
             .ok_or_else(|| RoutingError::BackendUnavailable(held.backend.clone()))
+    }
+
+    async fn cached(&self, sid: &str) -> Option<Pin> {
+        match &self.local {
+            Some(local) => local.get(sid).await.ok().flatten(),
+            None => None,
+        }
+    }
+
+    async fn remember(&self, sid: &str, pin: &Pin) {
+        if let Some(local) = &self.local {
+            let _ = local.replace(sid, pin.clone(), self.idle_ttl).await;
+        }
+    }
+
+    /// Undo a pin this request created when its backend could not be reached, so the user's
+    /// retry is placed afresh instead of going back to the dead backend for the idle TTL.
+    pub async fn release_created(&self, sid: &str, placement: &Placement) {
+        if let Some(pin) = &placement.created {
+            if let Some(local) = &self.local {
+                let _ = local.release(sid, pin).await;
+            }
+            let _ = self.store.release(sid, pin).await;
+        }
+    }
+
+    /// Keep a live session's pin alive (and recreate it if the store lost it).
+    pub async fn refresh_pin(&self, sid: &str, pin: &Pin) -> Result<(), StoreError> {
+        if let Some(local) = &self.local {
+            let _ = local.refresh(sid, pin, self.idle_ttl).await;
+        }
+        self.store.refresh(sid, pin, self.idle_ttl).await
+    }
+
+    /// Whether a `jti` is revoked, by the store or, when it is away, by what this replica knows.
+    pub async fn is_revoked(&self, jti: &str) -> bool {
+        if let Some(local) = &self.local
+            && local.is_revoked(jti).await.unwrap_or(false)
+        {
+            return true;
+        }
+        match self.store.is_revoked(jti).await {
+            Ok(revoked) => revoked,
+            // Unknown is not revoked: refusing every token while the store is away would turn a
+            // store outage into a login outage. Revocations reach live sessions by event.
+            Err(e) => {
+                tracing::warn!(event = "store_error", op = "check_revoked", error = %e, "revocation check failed");
+                false
+            }
+        }
+    }
+
+    /// Remember a revocation locally (always) and in the store (when reachable).
+    pub async fn revoke(&self, jti: &str, ttl: Duration) -> Result<(), StoreError> {
+        self.revoke_locally(jti, ttl).await;
+        self.store.revoke(jti, ttl).await
+    }
+
+    /// Remember a revocation this replica learnt of (from the admin API or another replica).
+    pub async fn revoke_locally(&self, jti: &str, ttl: Duration) {
+        if let Some(local) = &self.local {
+            let _ = local.revoke(jti, ttl).await;
+        }
     }
 
     /// Use an existing pin; `Ok(None)` when the pin should be replaced by a fresh choice (its
@@ -141,19 +235,22 @@ impl Router {
                 pool: pool_name.to_owned(),
                 backend: backend.clone(),
                 state: Arc::clone(state),
+                created: None,
             }));
         }
         if !pool.failover || claims.backend.is_some() {
             return Err(RoutingError::BackendUnavailable(backend.name.clone()));
         }
-        let chosen = self.choose(pool_name, pool, claims)?;
+        let chosen = self.choose(pool_name, pool, claims, !self.store.is_up())?;
         let now = store::unix_ms();
         let repin = Pin {
             backend: chosen.backend.name.clone(),
             updated_at_ms: now,
             ..pin.clone()
         };
-        // Best effort: if the store is away, the new pin lives in this placement only.
+        // Best effort: if the store is away, the new pin lives in the local cache until the
+        // write-back after reconnection.
+        self.remember(claims.session_id(), &repin).await;
         let _ = self
             .store
             .replace(claims.session_id(), repin, self.idle_ttl)
@@ -164,11 +261,14 @@ impl Router {
     }
 
     /// A healthy backend for a new session: the one the token names, else the least loaded.
+    /// `degraded` (no store to agree through): ignore loads, which differ per replica, and use
+    /// the rendezvous hash alone, which every replica computes the same.
     fn choose(
         &self,
         pool_name: &str,
         pool: &PoolConfig,
         claims: &Claims,
+        degraded: bool,
     ) -> Result<Placement, RoutingError> {
         let healthy: Vec<(&BackendConfig, &Arc<BackendState>)> = pool
             .backends
@@ -184,7 +284,7 @@ impl Router {
             None => {
                 let candidates: Vec<(&str, usize)> = healthy
                     .iter()
-                    .map(|(b, s)| (b.name.as_str(), s.sessions()))
+                    .map(|(b, s)| (b.name.as_str(), if degraded { 0 } else { s.sessions() }))
                     .collect();
                 let name = placement::least_loaded(claims.session_id(), &candidates)
                     .ok_or_else(|| RoutingError::NoHealthyBackend(pool_name.to_owned()))?;
@@ -198,6 +298,7 @@ impl Router {
             pool: pool_name.to_owned(),
             backend: pick.0.clone(),
             state: Arc::clone(pick.1),
+            created: None,
         })
     }
 }

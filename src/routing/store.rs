@@ -37,13 +37,22 @@ pub trait SessionStore: Send + Sync {
     async fn replace(&self, sid: &str, pin: Pin, ttl: Duration) -> Result<(), StoreError>;
 
     /// Extend the pin's life to `ttl` from now: called while a session is live and when its last
-    /// connection closes, so the pin outlives the session by the idle TTL.
-    async fn refresh(&self, sid: &str, ttl: Duration) -> Result<(), StoreError>;
+    /// connection closes, so the pin outlives the session by the idle TTL. A missing pin is
+    /// written again from `pin` (the store lost it while the session lived).
+    async fn refresh(&self, sid: &str, pin: &Pin, ttl: Duration) -> Result<(), StoreError>;
+
+    /// Delete the pin if it is still exactly `pin` (compare-and-delete: never another
+    /// connection's newer pin).
+    async fn release(&self, sid: &str, pin: &Pin) -> Result<(), StoreError>;
 
     /// Record that tokens with this `jti` are revoked, for `ttl` (until the token's `exp`).
     async fn revoke(&self, jti: &str, ttl: Duration) -> Result<(), StoreError>;
 
     async fn is_revoked(&self, jti: &str) -> Result<bool, StoreError>;
+
+    /// Send a control event to every replica (`{prefix}events`); the embedded store has no
+    /// other replicas, so it has nothing to do.
+    async fn publish(&self, payload: &str) -> Result<(), StoreError>;
 
     /// Whether the store is reachable now (for `/readyz` and `vncgate_store_up`).
     fn is_up(&self) -> bool;

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod jwks_server;
+pub mod redis_server;
 pub mod rfb_client;
 pub mod rfb_server;
 pub mod xvnc;
