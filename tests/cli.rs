@@ -239,6 +239,8 @@ fn example_shows_every_config_key() {
         "auth.secret_env",
         "auth.public_key_files",
         "auth.jwks_url",
+        "auth.jwks_cache_seconds",
+        "auth.jwks_min_refresh_seconds",
         "auth.issuer",
         "auth.audience",
         "auth.leeway_seconds",

@@ -63,6 +63,12 @@ pub struct GatewayConfig {
     /// The lines of the `auth:` section, indented by 2 spaces.
     pub auth: String,
     pub drain_seconds: u64,
+    /// `Some(url)`: `store.kind: redis` with this URL (and the start waits for the store to
+    /// connect); `None`: the embedded store.
+    pub redis_url: Option<String>,
+    /// Whether `start` waits for `store_connected` (off for a Redis that is down on purpose).
+    pub await_store: bool,
+    pub session_idle_ttl_seconds: u64,
 }
 
 impl GatewayConfig {
@@ -77,6 +83,9 @@ impl GatewayConfig {
             pool_extra: "    health_check_interval_seconds: 0\n".into(),
             auth: "  algorithms: [HS256]\n  secret_env: VNCGATE_JWT_SECRET\n".into(),
             drain_seconds: 5,
+            redis_url: None,
+            await_store: true,
+            session_idle_ttl_seconds: 3600,
         }
     }
 }
@@ -130,7 +139,14 @@ impl Gateway {
              admin:\n  addr: \"127.0.0.1:{admin_port}\"\n  token_env: VNCGATE_ADMIN_TOKEN\n\
              auth:\n{auth}\
              pools:\n  default:\n{pool_extra}    backends:\n{backends}\
+             store:\n  kind: {store_kind}\n  session_idle_ttl_seconds: {idle_ttl}\n\
              logging:\n  format: json\n  level: debug\n{extra}",
+            store_kind = if cfg.redis_url.is_some() {
+                "redis"
+            } else {
+                "memory"
+            },
+            idle_ttl = cfg.session_idle_ttl_seconds,
             drain = cfg.drain_seconds,
             d = dir.path().display(),
             extra = cfg.extra,
@@ -144,6 +160,10 @@ impl Gateway {
             .arg(&config_path)
             .env("VNCGATE_JWT_SECRET", SECRET)
             .env("VNCGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env(
+                "VNCGATE_REDIS_URL",
+                cfg.redis_url.clone().unwrap_or_default(),
+            )
             .env_remove("VNCGATE_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -187,6 +207,9 @@ impl Gateway {
             v["event"] == "listening" && v["addr"] == format!("127.0.0.1:{admin_port}")
         })
         .await;
+        if cfg.redis_url.is_some() && cfg.await_store {
+            gw.wait_log(|v| v["event"] == "store_connected").await;
+        }
         gw
     }
 
