@@ -8,10 +8,10 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::watch;
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum AdmissionError {
@@ -44,10 +44,11 @@ fn network_of(addr: IpAddr) -> IpAddr {
 }
 
 pub struct Admission {
-    sessions: Arc<Semaphore>,
-    max_per_user: usize,
+    /// Limits are atomics so a config reload can change them under live sessions.
+    max_sessions: AtomicUsize,
+    max_per_user: AtomicUsize,
     per_user: Mutex<HashMap<String, usize>>,
-    failures_per_minute: u32,
+    failures_per_minute: AtomicU32,
     failures: Mutex<FailureTable>,
     draining: AtomicBool,
     /// Live tickets: every session from admission to its end, including upgrades still
@@ -65,7 +66,6 @@ struct FailureTable {
 
 /// Held by a live session; dropping it gives the global and per-user slots back.
 pub struct Ticket {
-    _permit: OwnedSemaphorePermit,
     user: String,
     admission: Arc<Admission>,
 }
@@ -96,14 +96,23 @@ impl Admission {
         failures_per_minute: u32,
     ) -> Arc<Admission> {
         Arc::new(Admission {
-            sessions: Arc::new(Semaphore::new(max_sessions)),
-            max_per_user,
+            max_sessions: AtomicUsize::new(max_sessions),
+            max_per_user: AtomicUsize::new(max_per_user),
             per_user: Mutex::new(HashMap::new()),
-            failures_per_minute,
+            failures_per_minute: AtomicU32::new(failures_per_minute),
             failures: Mutex::new(FailureTable::default()),
             draining: AtomicBool::new(false),
             live: watch::Sender::new(0),
         })
+    }
+
+    /// New limits (config reload). Live sessions above a lowered limit keep running; new ones
+    /// are refused until the count falls below it.
+    pub fn set_limits(&self, max_sessions: usize, max_per_user: usize, failures_per_minute: u32) {
+        self.max_sessions.store(max_sessions, Ordering::SeqCst);
+        self.max_per_user.store(max_per_user, Ordering::SeqCst);
+        self.failures_per_minute
+            .store(failures_per_minute, Ordering::SeqCst);
     }
 
     pub fn set_draining(&self) {
@@ -119,19 +128,32 @@ impl Admission {
         if self.is_draining() {
             return Err(AdmissionError::Draining);
         }
-        let permit = Arc::clone(&self.sessions)
-            .try_acquire_owned()
-            .map_err(|_| AdmissionError::OverCapacity)?;
+        let max = self.max_sessions.load(Ordering::SeqCst);
+        // Per-user first, under its lock, then the global count: both or neither are taken.
         let mut map = self.per_user.lock().unwrap_or_else(|p| p.into_inner());
         let n = map.entry(user.to_owned()).or_insert(0);
-        if *n >= self.max_per_user {
+        if *n >= self.max_per_user.load(Ordering::SeqCst) {
+            if *n == 0 {
+                map.remove(user);
+            }
             return Err(AdmissionError::TooManySessions);
+        }
+        let admitted = self.live.send_if_modified(|live| {
+            if *live >= max {
+                return false;
+            }
+            *live += 1;
+            true
+        });
+        if !admitted {
+            if *n == 0 {
+                map.remove(user);
+            }
+            return Err(AdmissionError::OverCapacity);
         }
         *n += 1;
         drop(map);
-        self.live.send_modify(|n| *n += 1);
         Ok(Ticket {
-            _permit: permit,
             user: user.to_owned(),
             admission: Arc::clone(self),
         })
@@ -142,7 +164,8 @@ impl Admission {
         let table = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         match table.windows.get(&network_of(addr)) {
             Some((start, count))
-                if start.elapsed() < FAILURE_WINDOW && *count >= self.failures_per_minute =>
+                if start.elapsed() < FAILURE_WINDOW
+                    && *count >= self.failures_per_minute.load(Ordering::SeqCst) =>
             {
                 Err(AdmissionError::TooManyAuthFailures)
             }

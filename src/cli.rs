@@ -91,16 +91,21 @@ pub fn main() -> i32 {
     };
     match cli.command {
         Command::Run {
-            config,
+            config: path,
             upgrade,
             daemon,
         } => {
-            let config = match load(&config) {
+            let config = match load(&path) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
             crate::telemetry::init(config.logging.format, &config.logging.level);
-            match server::run(config, RunOptions { upgrade, daemon }) {
+            let options = RunOptions {
+                upgrade,
+                daemon,
+                config_path: Some(path),
+            };
+            match server::run(config, options) {
                 Ok(()) => EXIT_OK,
                 Err(e) => {
                     eprintln!("{e}");

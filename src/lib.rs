@@ -34,5 +34,6 @@ pub mod metrics;
 pub mod readiness;
 pub mod routing;
 pub mod server;
+pub mod services;
 pub mod sessions;
 pub mod telemetry;

@@ -65,6 +65,10 @@ pub struct Metrics {
     pub relay_buffered_bytes: IntGauge,
     /// Configured capacity, so alerts can compare `sessions_active` with it.
     pub max_sessions: Gauge,
+    /// 1 for the hash of the config file in use (the series of older hashes are removed).
+    pub config_info: GaugeVec,
+    pub config_reloads_total: IntCounterVec,
+    pub config_last_reload_timestamp: Gauge,
 }
 
 fn hist(name: &str, help: &str, buckets: &[f64]) -> HistogramOpts {
@@ -183,6 +187,24 @@ impl Metrics {
                 "Bytes read from one side of a session and not yet written to the other.",
             )?,
             max_sessions: Gauge::new("vncgate_max_sessions", "Configured limits.max_sessions.")?,
+            config_info: GaugeVec::new(
+                Opts::new(
+                    "vncgate_config_info",
+                    "The config in use, by hash of its file; always 1.",
+                ),
+                &["hash"],
+            )?,
+            config_reloads_total: IntCounterVec::new(
+                Opts::new(
+                    "vncgate_config_reloads_total",
+                    "Config reloads (SIGHUP) by result.",
+                ),
+                &["result"],
+            )?,
+            config_last_reload_timestamp: Gauge::new(
+                "vncgate_config_last_reload_timestamp_seconds",
+                "When the config in use was loaded (unix seconds).",
+            )?,
             registry,
         };
         m.register_all()?;
@@ -209,7 +231,38 @@ impl Metrics {
         r.register(Box::new(self.auth_failures_total.clone()))?;
         r.register(Box::new(self.relay_buffered_bytes.clone()))?;
         r.register(Box::new(self.max_sessions.clone()))?;
+        r.register(Box::new(self.config_info.clone()))?;
+        r.register(Box::new(self.config_reloads_total.clone()))?;
+        r.register(Box::new(self.config_last_reload_timestamp.clone()))?;
         Ok(())
+    }
+
+    /// Create the series a (new) config implies and record it as the config in use.
+    pub fn config_loaded(&self, config: &Config, previous_hash: Option<&str>) {
+        if let Some(old) = previous_hash.filter(|h| *h != config.hash) {
+            let _ = self.config_info.remove_label_values(&[old]);
+        }
+        self.config_info
+            .with_label_values(&[config.hash.as_str()])
+            .set(1.0);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        self.config_last_reload_timestamp.set(now);
+        self.max_sessions.set(config.limits.max_sessions as f64);
+        for (pool_name, pool) in &config.pools {
+            self.sessions_active.with_label_values(&[pool_name]);
+            self.session_duration.with_label_values(&[pool_name]);
+            self.backend_connect_duration
+                .with_label_values(&[pool_name]);
+            for backend in &pool.backends {
+                self.backend_up
+                    .with_label_values(&[pool_name, &backend.name]);
+                self.backend_sessions
+                    .with_label_values(&[pool_name, &backend.name]);
+            }
+        }
     }
 
     fn touch_series(&self, config: &Config) {
@@ -232,25 +285,16 @@ impl Metrics {
             self.backpressure_wait_seconds_total
                 .with_label_values(&[dir]);
         }
-        for (pool_name, pool) in &config.pools {
-            self.sessions_active.with_label_values(&[pool_name]);
-            self.session_duration.with_label_values(&[pool_name]);
-            self.backend_connect_duration
-                .with_label_values(&[pool_name]);
-            for backend in &pool.backends {
-                self.backend_up
-                    .with_label_values(&[pool_name, &backend.name]);
-                self.backend_sessions
-                    .with_label_values(&[pool_name, &backend.name]);
-            }
-        }
         for op in STORE_OPS {
             self.store_errors_total.with_label_values(&[op]);
             self.store_op_duration.with_label_values(&[op]);
         }
         // The embedded store is always reachable; a remote store reports its own state.
         self.store_up.set(1);
-        self.max_sessions.set(config.limits.max_sessions as f64);
+        for result in ["ok", "error"] {
+            self.config_reloads_total.with_label_values(&[result]);
+        }
+        self.config_loaded(config, None);
     }
 
     /// The Prometheus text exposition of every metric.

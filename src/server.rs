@@ -1,37 +1,31 @@
-//! Build Pingora's `Server` from the resolved config and run it.
-//!
-//! Services: the public listeners ([`gateway::App`]), the admin listener, and three background
-//! tasks: backend health checks, the readiness announcer (logs `listening` once each socket
-//! accepts), and the drain supervisor (on SIGTERM/upgrade: refuse new sessions, give live ones
-//! `server.drain_seconds`, close the rest with 1001, exit 0 as soon as none is left).
+//! Build Pingora's `Server` from the resolved config and run it: the public listeners
+//! ([`crate::gateway::App`], plain and TLS), the admin listener, and the background services of
+//! [`crate::services`].
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
-use async_trait::async_trait;
 use pingora_core::listeners::tls::TlsSettings;
 use pingora_core::protocols::ALPN;
+use pingora_core::server::Server;
 use pingora_core::server::configuration::{Opt, ServerConf};
-use pingora_core::server::{Server, ShutdownWatch};
-use pingora_core::services::background::{BackgroundService, background_service};
+use pingora_core::services::background::background_service;
 use pingora_core::services::listening::Service;
 
 use crate::admission::Admission;
 use crate::auth::Verifier;
-use crate::auth::jwks::Jwks;
-use crate::bridge::CloseCode;
 use crate::config::{Config, StoreKind};
-use crate::control;
 use crate::gateway::admin::AdminApp;
+use crate::gateway::tls::CertSlot;
 use crate::gateway::{App, Gateway};
 use crate::metrics::Metrics;
 use crate::readiness;
-use crate::routing::redis::{LivePins, RedisStore};
-use crate::routing::{Health, MemoryStore, Pin, Router, SessionStore};
-
-/// After the drain deadline, how long closing handshakes may take before the process exits.
-const CLOSE_GRACE: Duration = Duration::from_secs(6);
+use crate::routing::redis::RedisStore;
+use crate::routing::{Health, MemoryStore, Router, SessionStore};
+use crate::services::{
+    Announcer, CLOSE_GRACE, Drain, HealthChecks, JwksRefresh, Reloader, StoreSupervisor,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -41,14 +35,18 @@ pub enum StartError {
     Metrics(#[from] prometheus::Error),
     #[error("listeners[{index}].tls: {message}")]
     Tls { index: usize, message: String },
+    #[error("{0}")]
+    Certificate(#[from] crate::gateway::tls::TlsError),
     #[error("store.redis_url_env: {0}")]
     Store(String),
 }
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct RunOptions {
     pub upgrade: bool,
     pub daemon: bool,
+    /// The file SIGHUP re-reads.
+    pub config_path: Option<PathBuf>,
 }
 
 /// Everything the process shares, built from the config; plus the Redis store when configured,
@@ -67,6 +65,19 @@ pub fn build_gateway(
             (Arc::clone(&redis) as Arc<dyn SessionStore>, Some(redis))
         }
     };
+    // Certificates are loaded here, not by Pingora: a bad file is an error naming the key
+    // (Pingora would panic), and the slots let a reload swap in renewed certificates.
+    let mut tls = Vec::new();
+    for (index, listener) in config.listeners.iter().enumerate() {
+        tls.push(match &listener.tls {
+            Some(files) => Some(CertSlot::new(crate::gateway::tls::load(
+                index,
+                &files.cert,
+                &files.key,
+            )?)),
+            None => None,
+        });
+    }
     let health = Arc::new(Health::new(&config, &metrics));
     let limits = &config.limits;
     let admission = Admission::new(
@@ -80,14 +91,9 @@ pub fn build_gateway(
         health,
         config.store.session_idle_ttl,
     );
-    let gw = Arc::new(Gateway {
-        config: Arc::new(config),
-        verifier,
-        admission,
-        router,
-        sessions: crate::sessions::Registry::new(),
-        metrics,
-    });
+    let gw = Arc::new(Gateway::new(
+        config, verifier, admission, router, metrics, tls,
+    ));
     Ok((gw, redis))
 }
 
@@ -101,7 +107,7 @@ pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         );
     }
     let (gw, redis) = build_gateway(config)?;
-    let config = Arc::clone(&gw.config);
+    let config = gw.config();
 
     let conf = ServerConf {
         threads: config.server.threads,
@@ -127,14 +133,17 @@ pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         let addr = listener.addr.to_string();
         match &listener.tls {
             None => public.add_tcp(&addr),
-            Some(tls) => {
-                let cert = tls.cert.display().to_string();
-                let key = tls.key.display().to_string();
+            Some(_) => {
+                let Some(slot) = gw.tls.get(index).cloned().flatten() else {
+                    continue;
+                };
+                // No files here: the certificate comes from our slot, swappable on reload.
                 let mut settings =
-                    TlsSettings::intermediate(&cert, &key).map_err(|e| StartError::Tls {
+                    TlsSettings::intermediate("", "").map_err(|e| StartError::Tls {
                         index,
                         message: e.to_string(),
                     })?;
+                settings.set_cert_resolver(slot);
                 // HTTP/1.1 only: WebSocket over HTTP/2 (RFC 8441) is not what noVNC speaks.
                 settings.set_alpn(ALPN::H1);
                 public.add_tls_with_settings(&addr, None, settings);
@@ -170,123 +179,22 @@ pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         "health-checks",
         HealthChecks(Arc::clone(&gw)),
     ));
+    server.add_service(background_service(
+        "jwks-refresh",
+        JwksRefresh(Arc::clone(&gw)),
+    ));
     if let Some(redis) = redis {
         server.add_service(background_service(
             "store-supervisor",
             StoreSupervisor(Arc::clone(&gw), redis),
         ));
     }
-    if let Some(jwks) = gw.verifier.jwks() {
-        server.add_service(background_service(
-            "jwks-refresh",
-            JwksRefresh(Arc::clone(jwks)),
-        ));
-    }
+    let reloader = Reloader {
+        gw: Arc::clone(&gw),
+        path: opts.config_path.clone(),
+    };
+    server.add_service(background_service("reload", reloader));
     server.add_service(background_service("readiness", Announcer(announce)));
     server.add_service(background_service("drain", Drain(Arc::clone(&gw))));
     server.run_forever();
-}
-
-struct HealthChecks(Arc<Gateway>);
-
-#[async_trait]
-impl BackgroundService for HealthChecks {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let health = Arc::clone(self.0.router.health());
-        tokio::select! {
-            _ = health.run_checks() => {}
-            _ = shutdown.changed() => {}
-        }
-    }
-}
-
-/// Keeps the Redis connection (reconnect, write-back) and the `{prefix}events` subscription.
-struct StoreSupervisor(Arc<Gateway>, Arc<RedisStore>);
-
-#[async_trait]
-impl BackgroundService for StoreSupervisor {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let gw = Arc::clone(&self.0);
-        let sessions = Arc::clone(&gw.sessions);
-        let live_pins: LivePins = Arc::new(move || {
-            sessions
-                .list()
-                .into_iter()
-                .map(|s| {
-                    let pin = Pin {
-                        backend: s.backend,
-                        pool: s.pool,
-                        owner: s.user_id,
-                        created_at_ms: s.started_at_ms,
-                        updated_at_ms: s.started_at_ms,
-                    };
-                    (s.session_id, pin)
-                })
-                .collect()
-        });
-        tokio::select! {
-            _ = Arc::clone(&self.1).run_supervisor(live_pins) => {}
-            _ = Arc::clone(&self.1).run_subscriber(control::subscriber(gw)) => {}
-            _ = shutdown.changed() => {}
-        }
-    }
-}
-
-struct JwksRefresh(Arc<Jwks>);
-
-#[async_trait]
-impl BackgroundService for JwksRefresh {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        tokio::select! {
-            _ = Arc::clone(&self.0).run_refresh() => {}
-            _ = shutdown.changed() => {}
-        }
-    }
-}
-
-struct Announcer(Vec<(readiness::Kind, SocketAddr)>);
-
-#[async_trait]
-impl BackgroundService for Announcer {
-    async fn start(&self, _shutdown: ShutdownWatch) {
-        readiness::announce(&self.0).await;
-    }
-}
-
-struct Drain(Arc<Gateway>);
-
-#[async_trait]
-impl BackgroundService for Drain {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let gw = &self.0;
-        if shutdown.wait_for(|down| *down).await.is_err() {
-            return;
-        }
-        gw.admission.set_draining();
-        let live = gw.sessions.len();
-        let drain = gw.config.server.drain;
-        tracing::info!(
-            event = "draining",
-            sessions = live,
-            drain_seconds = drain.as_secs(),
-            "shutting down: {live} live sessions get up to {}s",
-            drain.as_secs()
-        );
-        // Tickets, not registry entries: an upgrade still connecting to its backend holds a
-        // ticket before it registers, and must get its 1001 too.
-        if tokio::time::timeout(drain, gw.admission.wait_idle())
-            .await
-            .is_err()
-        {
-            let closed = gw.sessions.close_all_from_now(CloseCode::GoingAway);
-            tracing::info!(
-                event = "draining",
-                sessions = closed,
-                "drain deadline reached: closing with 1001"
-            );
-            let _ = tokio::time::timeout(CLOSE_GRACE, gw.admission.wait_idle()).await;
-        }
-        tracing::info!(event = "shutdown_complete", "all sessions closed; exiting");
-        std::process::exit(0);
-    }
 }

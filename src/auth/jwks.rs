@@ -66,6 +66,14 @@ impl Jwks {
         })
     }
 
+    /// Whether this cache was built for exactly these settings (a reload may keep it).
+    pub fn same_settings(&self, cfg: &crate::config::AuthConfig) -> bool {
+        cfg.jwks_url.as_deref() == Some(self.url.as_str())
+            && cfg.algorithms == self.allowed
+            && cfg.jwks_cache == self.cache
+            && cfg.jwks_min_refresh == self.min_refresh
+    }
+
     /// The current key set (cheap: an `Arc` clone).
     pub fn keys(&self) -> Arc<Vec<Key>> {
         Arc::clone(&self.keys.read().unwrap_or_else(|p| p.into_inner()))

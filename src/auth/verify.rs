@@ -56,6 +56,12 @@ fn is_hmac(alg: Algorithm) -> bool {
 
 impl Verifier {
     pub fn new(cfg: &AuthConfig) -> Result<Verifier, KeyError> {
+        Verifier::rebuild(cfg, None)
+    }
+
+    /// A verifier for a reloaded config, keeping `previous`'s JWKS cache when its settings did
+    /// not change.
+    pub fn rebuild(cfg: &AuthConfig, previous: Option<&Verifier>) -> Result<Verifier, KeyError> {
         let mut keys = Vec::new();
         if cfg.algorithms.iter().any(|a| is_hmac(*a))
             && let Some(secret) = &cfg.secret
@@ -83,12 +89,19 @@ impl Verifier {
             });
         }
         let jwks = match &cfg.jwks_url {
-            Some(url) => Some(Arc::new(Jwks::new(
-                url,
-                &cfg.algorithms,
-                cfg.jwks_cache,
-                cfg.jwks_min_refresh,
-            )?)),
+            // A reload with the same JWKS settings keeps the cache (and its keys) it had.
+            Some(url) => match previous
+                .and_then(|p| p.jwks.as_ref())
+                .filter(|j| j.same_settings(cfg))
+            {
+                Some(kept) => Some(Arc::clone(kept)),
+                None => Some(Arc::new(Jwks::new(
+                    url,
+                    &cfg.algorithms,
+                    cfg.jwks_cache,
+                    cfg.jwks_min_refresh,
+                )?)),
+            },
             None => None,
         };
         Ok(Verifier {

@@ -52,6 +52,8 @@ pub struct Config {
     pub pools: BTreeMap<String, PoolConfig>,
     pub limits: Limits,
     pub logging: LoggingConfig,
+    /// Hash of the YAML text (hex xxh3), for `vncgate_config_info{hash}` and reload logs.
+    pub hash: String,
 }
 
 #[derive(Debug, Clone)]
@@ -201,7 +203,9 @@ impl Config {
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigErrors> {
         let raw = file::parse(text)?;
-        validate::resolve(raw, env)
+        let mut config = validate::resolve(raw, env)?;
+        config.hash = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(text.as_bytes()));
+        Ok(config)
     }
 
     pub fn pool(&self, name: &str) -> Option<&PoolConfig> {

@@ -152,6 +152,7 @@ pub(super) fn resolve(raw: RawConfig, env: Env<'_>) -> Result<Config, ConfigErro
         pools,
         limits,
         logging,
+        hash: String::new(),
     })
 }
 

@@ -60,7 +60,8 @@ impl AdminApp {
     }
 
     fn authorized(&self, session: &ServerSession) -> bool {
-        let Some(expected) = self.0.config.admin.as_ref().and_then(|a| a.token.as_ref()) else {
+        let config = self.0.config();
+        let Some(expected) = config.admin.as_ref().and_then(|a| a.token.as_ref()) else {
             return false;
         };
         let Some(given) = session
@@ -142,7 +143,8 @@ struct RevokeRequest {
 impl AdminApp {
     /// `GET /admin/backends`: health and live sessions per backend, sorted by pool and name.
     fn backends(&self) -> Response<Vec<u8>> {
-        let mut list: Vec<_> = self.0.router.health().all().collect();
+        let health = self.0.router.health();
+        let mut list: Vec<_> = health.all().collect();
         list.sort_by(|a, b| (&a.pool, &a.name).cmp(&(&b.pool, &b.name)));
         let list: Vec<_> = list
             .into_iter()
@@ -222,7 +224,7 @@ impl AdminApp {
             // Capped: a revocation outliving any sane token must not be kept forever.
             Some(exp) => {
                 Duration::from_secs(exp.saturating_sub(now).min(MAX_REVOCATION_TTL.as_secs()))
-                    + gw.config.auth.leeway
+                    + gw.config().auth.leeway
             }
             None => DEFAULT_REVOCATION_TTL,
         };

@@ -8,8 +8,10 @@
 pub mod admin;
 pub mod handshake;
 pub mod refusal;
+pub mod reload;
 mod respond;
 pub mod static_files;
+pub mod tls;
 mod upgrade;
 
 use std::sync::Arc;
@@ -26,19 +28,57 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::routing::Router;
 use crate::sessions::Registry;
+use arc_swap::ArcSwap;
 use refusal::{ErrorCode, Refusal};
+use tokio::sync::Notify;
 
 /// How long an idle keep-alive connection may wait for its next request.
 pub(crate) const KEEPALIVE_SECONDS: u64 = 60;
 
-/// Everything a connection needs, built once at start.
+/// Everything a connection needs. The config and the verifier are swapped whole by a reload
+/// (each request reads one snapshot of each); the rest lives for the whole process.
 pub struct Gateway {
-    pub config: Arc<Config>,
-    pub verifier: Verifier,
+    config: ArcSwap<Config>,
+    verifier: ArcSwap<Verifier>,
     pub admission: Arc<Admission>,
     pub router: Router,
     pub sessions: Arc<Registry>,
     pub metrics: Arc<Metrics>,
+    /// One certificate slot per listener (`None` for plain ones), in config order.
+    pub tls: Vec<Option<Arc<tls::CertSlot>>>,
+    /// Woken after every successful reload (background tasks that follow the config restart).
+    pub reloaded: Notify,
+}
+
+impl Gateway {
+    pub fn new(
+        config: Config,
+        verifier: Verifier,
+        admission: Arc<Admission>,
+        router: Router,
+        metrics: Arc<Metrics>,
+        tls: Vec<Option<Arc<tls::CertSlot>>>,
+    ) -> Gateway {
+        Gateway {
+            config: ArcSwap::from_pointee(config),
+            verifier: ArcSwap::from_pointee(verifier),
+            admission,
+            router,
+            sessions: Registry::new(),
+            metrics,
+            tls,
+            reloaded: Notify::new(),
+        }
+    }
+
+    /// The current config (a snapshot: a reload does not change it under the caller).
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    pub fn verifier(&self) -> Arc<Verifier> {
+        self.verifier.load_full()
+    }
 }
 
 /// The public listeners' app.
@@ -65,7 +105,8 @@ impl HttpServerApp for App {
         });
         let gw = &self.0;
         let path = session.req_header().uri.path().to_owned();
-        if gw.config.paths.contains(&path) {
+        let config = gw.config();
+        if config.paths.contains(&path) {
             return upgrade::handle(gw, session, shutdown).await;
         }
         let method = session.req_header().method.clone();
@@ -80,7 +121,7 @@ impl HttpServerApp for App {
             .await;
         }
         if readable
-            && let Some(root) = &gw.config.web_root
+            && let Some(root) = &config.web_root
             && let Some(file) = static_files::load(root, &path).await
         {
             return respond::send(session, StatusCode::OK, &file.content_type, file.body, &[])

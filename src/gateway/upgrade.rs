@@ -135,7 +135,7 @@ async fn admit(
     let req = session.req_header();
     let handshake = handshake::validate(&req.method, req.version, &req.headers)
         .map_err(|e| Refusal::new(ErrorCode::BadUpgrade, e.to_string()))?;
-    let config = &gw.config;
+    let config = gw.config();
     let origin = req.headers.get(http::header::ORIGIN).map(|v| v.as_bytes());
     authorize::check_origin(origin, &config.auth.allowed_origins)?;
     if let Some(ip) = ip {
@@ -143,9 +143,9 @@ async fn admit(
     }
     let (token, source) = extract::token(&req.headers, &req.uri, &handshake.protocols)?
         .ok_or(crate::auth::AuthError::Missing)?;
-    let claims = gw.verifier.verify(&token).await?;
+    let claims = gw.verifier().verify(&token).await?;
     drop(token);
-    authorize::authorize(&claims, config)?;
+    authorize::authorize(&claims, &config)?;
     if let Some(jti) = &claims.jti
         && gw.router.is_revoked(jti).await
     {
@@ -162,7 +162,7 @@ async fn admit(
     );
 
     let ticket = gw.admission.admit(&claims.sub)?;
-    let placement = gw.router.place(config, &claims).await?;
+    let placement = gw.router.place(&config, &claims).await?;
     span.record("backend", placement.backend.name.as_str());
     let connect_started = Instant::now();
     let backend = match connect(&placement.backend, config.limits.max_message_bytes).await {
@@ -316,7 +316,7 @@ async fn serve(
     conn_id: u64,
     client_addr: Option<SocketAddr>,
 ) {
-    let config = &gw.config;
+    let config = gw.config();
     let limits = &config.limits;
     let ws_config = WebSocketConfig::default()
         .max_message_size(Some(limits.max_message_bytes))

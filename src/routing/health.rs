@@ -96,9 +96,24 @@ impl Health {
     /// Every configured backend, initially up: a fresh gateway serves at once, and the first
     /// check (run immediately) corrects that within a second.
     pub fn new(config: &Config, metrics: &Metrics) -> Health {
+        Health::rebuild(config, metrics, None)
+    }
+
+    /// The health set for a reloaded config: backends that kept their pool, name, address and
+    /// check interval keep their state (health, live-session count); the others start fresh,
+    /// and the metric series of removed backends are dropped.
+    pub fn rebuild(config: &Config, metrics: &Metrics, previous: Option<&Health>) -> Health {
         let mut backends = HashMap::new();
         for (pool_name, pool) in &config.pools {
             for b in &pool.backends {
+                let key = (pool_name.clone(), b.name.clone());
+                let kept = previous
+                    .and_then(|p| p.backends.get(&key))
+                    .filter(|s| s.addr == b.addr && s.check_interval == pool.health_check_interval);
+                if let Some(state) = kept {
+                    backends.insert(key, Arc::clone(state));
+                    continue;
+                }
                 let labels = [pool_name.as_str(), b.name.as_str()];
                 let state = BackendState {
                     pool: pool_name.clone(),
@@ -112,7 +127,18 @@ impl Health {
                     sessions_gauge: metrics.backend_sessions.with_label_values(&labels),
                 };
                 state.up_gauge.set(1);
-                backends.insert((pool_name.clone(), b.name.clone()), Arc::new(state));
+                backends.insert(key, Arc::new(state));
+            }
+        }
+        if let Some(previous) = previous {
+            for (pool, name) in previous
+                .backends
+                .keys()
+                .filter(|k| !backends.contains_key(*k))
+            {
+                let labels = [pool.as_str(), name.as_str()];
+                let _ = metrics.backend_up.remove_label_values(&labels);
+                let _ = metrics.backend_sessions.remove_label_values(&labels);
             }
         }
         Health { backends }

@@ -15,6 +15,8 @@ pub mod redis;
 pub mod store;
 
 use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use std::time::Duration;
 
 pub use health::{BackendState, Health};
@@ -53,7 +55,8 @@ pub struct Router {
     /// For a remote store: the pins and revocations this replica has seen, consulted when the
     /// store is unreachable so reconnects still reach their desktop.
     local: Option<MemoryStore>,
-    health: Arc<Health>,
+    /// Swapped whole on a config reload (backends added or removed).
+    health: ArcSwap<Health>,
     idle_ttl: Duration,
 }
 
@@ -68,13 +71,17 @@ impl Router {
         Router {
             store,
             local: remote.then(MemoryStore::new),
-            health,
+            health: ArcSwap::new(health),
             idle_ttl,
         }
     }
 
-    pub fn health(&self) -> &Arc<Health> {
-        &self.health
+    pub fn health(&self) -> Arc<Health> {
+        self.health.load_full()
+    }
+
+    pub fn set_health(&self, health: Arc<Health>) {
+        self.health.store(health);
     }
 
     pub fn store(&self) -> &Arc<dyn SessionStore> {
@@ -227,7 +234,8 @@ impl Router {
         let Some(backend) = pool.backends.iter().find(|b| b.name == pin.backend) else {
             return Ok(None);
         };
-        let Some(state) = self.health.get(pool_name, &backend.name) else {
+        let health = self.health.load();
+        let Some(state) = health.get(pool_name, &backend.name) else {
             return Ok(None);
         };
         if state.is_up() {
@@ -270,10 +278,11 @@ impl Router {
         claims: &Claims,
         degraded: bool,
     ) -> Result<Placement, RoutingError> {
+        let health = self.health.load();
         let healthy: Vec<(&BackendConfig, &Arc<BackendState>)> = pool
             .backends
             .iter()
-            .filter_map(|b| self.health.get(pool_name, &b.name).map(|s| (b, s)))
+            .filter_map(|b| health.get(pool_name, &b.name).map(|s| (b, s)))
             .filter(|(_, s)| s.is_up())
             .collect();
         let pick = match &claims.backend {

@@ -1,0 +1,219 @@
+//! Pingora background services: everything that runs beside the listeners.
+//!
+//! - [`HealthChecks`]: active backend checks, restarted with the new backend set after a reload.
+//! - [`JwksRefresh`]: the scheduled JWKS fetch, following the verifier a reload installs.
+//! - [`StoreSupervisor`]: Redis reconnection, pin write-back, and the `{prefix}events` feed.
+//! - [`Reloader`]: SIGHUP re-reads the config file and swaps what can change live.
+//! - [`Announcer`]: logs `listening` once each listener accepts.
+//! - [`Drain`]: on SIGTERM or upgrade, refuse new sessions, give live ones
+//!   `server.drain_seconds`, close the rest with 1001, exit 0 as soon as none is left.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+
+use crate::bridge::CloseCode;
+use crate::config::Config;
+use crate::control;
+use crate::gateway::Gateway;
+use crate::readiness;
+use crate::routing::Pin;
+use crate::routing::redis::{LivePins, RedisStore};
+
+/// After the drain deadline, how long closing handshakes may take before the process exits.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(6);
+
+pub struct HealthChecks(pub Arc<Gateway>);
+
+#[async_trait]
+impl BackgroundService for HealthChecks {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        loop {
+            let health = self.0.router.health();
+            tokio::select! {
+                _ = health.run_checks() => return,
+                _ = self.0.reloaded.notified() => continue,
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+pub struct JwksRefresh(pub Arc<Gateway>);
+
+#[async_trait]
+impl BackgroundService for JwksRefresh {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        loop {
+            let jwks = self.0.verifier().jwks().cloned();
+            tokio::select! {
+                _ = async {
+                    match jwks {
+                        Some(j) => j.run_refresh().await,
+                        None => std::future::pending().await,
+                    }
+                } => return,
+                _ = self.0.reloaded.notified() => continue,
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+/// Keeps the Redis connection (reconnect, write-back) and the `{prefix}events` subscription.
+pub struct StoreSupervisor(pub Arc<Gateway>, pub Arc<RedisStore>);
+
+#[async_trait]
+impl BackgroundService for StoreSupervisor {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let gw = Arc::clone(&self.0);
+        let sessions = Arc::clone(&gw.sessions);
+        let live_pins: LivePins = Arc::new(move || {
+            sessions
+                .list()
+                .into_iter()
+                .map(|s| {
+                    let pin = Pin {
+                        backend: s.backend,
+                        pool: s.pool,
+                        owner: s.user_id,
+                        created_at_ms: s.started_at_ms,
+                        updated_at_ms: s.started_at_ms,
+                    };
+                    (s.session_id, pin)
+                })
+                .collect()
+        });
+        tokio::select! {
+            _ = Arc::clone(&self.1).run_supervisor(live_pins) => {}
+            _ = Arc::clone(&self.1).run_subscriber(control::subscriber(gw)) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
+/// SIGHUP: load the config file again; apply it if valid, else keep the running one and log
+/// every problem with its key.
+pub struct Reloader {
+    pub gw: Arc<Gateway>,
+    /// `None` for `vncgate demo`, which has no file to re-read.
+    pub path: Option<PathBuf>,
+}
+
+#[async_trait]
+impl BackgroundService for Reloader {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut hangups = match tokio::signal::unix::signal(
+            tokio::signal::unix::SignalKind::hangup(),
+        ) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(event = "internal_error", error = %e, "cannot listen for SIGHUP; reload disabled");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                got = hangups.recv() => if got.is_none() { return },
+                _ = shutdown.changed() => return,
+            }
+            self.reload();
+        }
+    }
+}
+
+impl Reloader {
+    fn reload(&self) {
+        let gw = &self.gw;
+        let Some(path) = &self.path else {
+            tracing::warn!(
+                event = "config_reload_failed",
+                "SIGHUP ignored: no config file (demo mode)"
+            );
+            return;
+        };
+        let failed = |errors: Vec<String>| {
+            gw.metrics
+                .config_reloads_total
+                .with_label_values(&["error"])
+                .inc();
+            for error in &errors {
+                tracing::error!(event = "config_reload_failed", error = %error, "config reload refused; the running config stays");
+            }
+        };
+        let config = match Config::load(path) {
+            Ok(c) => c,
+            Err(errors) => return failed(errors.iter().map(|e| e.to_string()).collect()),
+        };
+        let hash = config.hash.clone();
+        match gw.reload(config) {
+            Ok(ignored) => {
+                gw.metrics
+                    .config_reloads_total
+                    .with_label_values(&["ok"])
+                    .inc();
+                for key in &ignored {
+                    tracing::warn!(
+                        event = "config_warning",
+                        key = *key,
+                        "{key} changed: this takes effect only after a restart or upgrade"
+                    );
+                }
+                tracing::info!(event = "config_reloaded", hash = %hash, "config reloaded");
+            }
+            Err(e) => failed(vec![e.to_string()]),
+        }
+    }
+}
+
+pub struct Announcer(pub Vec<(readiness::Kind, SocketAddr)>);
+
+#[async_trait]
+impl BackgroundService for Announcer {
+    async fn start(&self, _shutdown: ShutdownWatch) {
+        readiness::announce(&self.0).await;
+    }
+}
+
+pub struct Drain(pub Arc<Gateway>);
+
+#[async_trait]
+impl BackgroundService for Drain {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let gw = &self.0;
+        if shutdown.wait_for(|down| *down).await.is_err() {
+            return;
+        }
+        gw.admission.set_draining();
+        let live = gw.sessions.len();
+        let drain = gw.config().server.drain;
+        tracing::info!(
+            event = "draining",
+            sessions = live,
+            drain_seconds = drain.as_secs(),
+            "shutting down: {live} live sessions get up to {}s",
+            drain.as_secs()
+        );
+        // Tickets, not registry entries: an upgrade still connecting to its backend holds a
+        // ticket before it registers, and must get its 1001 too.
+        if tokio::time::timeout(drain, gw.admission.wait_idle())
+            .await
+            .is_err()
+        {
+            let closed = gw.sessions.close_all_from_now(CloseCode::GoingAway);
+            tracing::info!(
+                event = "draining",
+                sessions = closed,
+                "drain deadline reached: closing with 1001"
+            );
+            let _ = tokio::time::timeout(CLOSE_GRACE, gw.admission.wait_idle()).await;
+        }
+        tracing::info!(event = "shutdown_complete", "all sessions closed; exiting");
+        std::process::exit(0);
+    }
+}
