@@ -189,7 +189,8 @@ impl BackgroundService for Drain {
         if shutdown.wait_for(|down| *down).await.is_err() {
             return;
         }
-        gw.admission.set_draining();
+        gw.shutting_down
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let live = gw.sessions.len();
         let drain = gw.config().server.drain;
         tracing::info!(
@@ -205,6 +206,8 @@ impl BackgroundService for Drain {
             .await
             .is_err()
         {
+            // From here on new upgrades are refused (503 `draining`) and live ones closed.
+            gw.admission.set_draining();
             let closed = gw.sessions.close_all_from_now(CloseCode::GoingAway);
             tracing::info!(
                 event = "draining",

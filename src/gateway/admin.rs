@@ -42,7 +42,7 @@ impl AdminApp {
         let gw = &self.0;
         let (healthy, total) = gw.router.health().counts();
         let store_up = gw.router.store().is_up();
-        let draining = gw.admission.is_draining();
+        let draining = gw.shutting_down.load(std::sync::atomic::Ordering::SeqCst);
         let code = if draining || healthy == 0 {
             StatusCode::SERVICE_UNAVAILABLE
         } else {
@@ -154,11 +154,41 @@ impl AdminApp {
                     "name": b.name,
                     "addr": b.addr.to_string(),
                     "up": b.is_up(),
+                    "draining": b.is_draining(),
                     "sessions": b.sessions(),
                 })
             })
             .collect();
         json_response(StatusCode::OK, json!({ "backends": list }))
+    }
+
+    /// `POST /admin/backends/{name}/drain` (and `DELETE` to undo): no new pins to the backend
+    /// while its sessions continue. The name is matched in every pool. Like every runtime
+    /// switch it is per replica and lasts until restart; call it on each replica.
+    fn drain(&self, name: &str, draining: bool) -> Response<Vec<u8>> {
+        let health = self.0.router.health();
+        let matched: Vec<_> = health.all().filter(|b| b.name == name).collect();
+        if matched.is_empty() {
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no backend with that name",
+            );
+        }
+        for b in &matched {
+            b.set_draining(draining);
+        }
+        let pools: Vec<&str> = matched.iter().map(|b| b.pool.as_str()).collect();
+        tracing::info!(
+            event = "backend_drain",
+            backend = name,
+            draining,
+            "backend {name} draining={draining}"
+        );
+        json_response(
+            StatusCode::OK,
+            json!({ "backend": name, "pools": pools, "draining": draining }),
+        )
     }
 
     /// `DELETE /admin/sessions/{sid}`: close every connection of the session with 4003, on
@@ -310,6 +340,15 @@ impl AdminApp {
                 match (method.as_str(), p) {
                     ("GET", "/admin/sessions") => self.sessions(),
                     ("GET", "/admin/backends") => self.backends(),
+                    ("POST", p) if p.starts_with("/admin/backends/") && p.ends_with("/drain") => {
+                        self.drain(&p["/admin/backends/".len()..p.len() - "/drain".len()], true)
+                    }
+                    ("DELETE", p) if p.starts_with("/admin/backends/") && p.ends_with("/drain") => {
+                        self.drain(
+                            &p["/admin/backends/".len()..p.len() - "/drain".len()],
+                            false,
+                        )
+                    }
                     ("DELETE", p) if p.starts_with("/admin/sessions/") => {
                         self.kick(&p["/admin/sessions/".len()..]).await
                     }

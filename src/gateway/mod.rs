@@ -30,6 +30,7 @@ use crate::routing::Router;
 use crate::sessions::Registry;
 use arc_swap::ArcSwap;
 use refusal::{ErrorCode, Refusal};
+use std::sync::atomic::AtomicBool;
 use tokio::sync::Notify;
 
 /// How long an idle keep-alive connection may wait for its next request.
@@ -48,6 +49,8 @@ pub struct Gateway {
     pub tls: Vec<Option<Arc<tls::CertSlot>>>,
     /// Woken after every successful reload (background tasks that follow the config restart).
     pub reloaded: Notify,
+    /// Set when the drain starts (SIGTERM or upgrade): `/readyz` answers 503 from then on.
+    pub shutting_down: AtomicBool,
 }
 
 impl Gateway {
@@ -68,6 +71,7 @@ impl Gateway {
             metrics,
             tls,
             reloaded: Notify::new(),
+            shutting_down: AtomicBool::new(false),
         }
     }
 
@@ -107,7 +111,7 @@ impl HttpServerApp for App {
         let path = session.req_header().uri.path().to_owned();
         let config = gw.config();
         if config.paths.contains(&path) {
-            return upgrade::handle(gw, session, shutdown).await;
+            return upgrade::handle(gw, session).await;
         }
         let method = session.req_header().method.clone();
         let readable = method == http::Method::GET || method == http::Method::HEAD;

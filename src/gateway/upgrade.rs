@@ -9,7 +9,6 @@ use futures_util::FutureExt;
 use http::StatusCode;
 use pingora_core::apps::ReusedHttpStream;
 use pingora_core::protocols::http::ServerSession;
-use pingora_core::server::ShutdownWatch;
 use pingora_http::ResponseHeader;
 use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
@@ -52,11 +51,7 @@ enum BackendConn {
     WebSocket(Box<WebSocketStream<TcpStream>>),
 }
 
-pub async fn handle(
-    gw: &Arc<Gateway>,
-    session: ServerSession,
-    shutdown: &ShutdownWatch,
-) -> Option<ReusedHttpStream> {
+pub async fn handle(gw: &Arc<Gateway>, session: ServerSession) -> Option<ReusedHttpStream> {
     let conn_id = gw.sessions.next_conn_id();
     let client_addr: Option<SocketAddr> = session.client_addr().and_then(|a| a.as_inet()).copied();
     let span = tracing::info_span!(
@@ -68,7 +63,7 @@ pub async fn handle(
         pool = field::Empty,
         backend = field::Empty,
     );
-    run(gw, session, shutdown, conn_id, client_addr)
+    run(gw, session, conn_id, client_addr)
         .instrument(span)
         .await
 }
@@ -76,13 +71,12 @@ pub async fn handle(
 async fn run(
     gw: &Arc<Gateway>,
     mut session: ServerSession,
-    shutdown: &ShutdownWatch,
     conn_id: u64,
     client_addr: Option<SocketAddr>,
 ) -> Option<ReusedHttpStream> {
     let started = Instant::now();
     let ip = client_addr.map(|a| a.ip());
-    match admit(gw, &session, shutdown, ip).await {
+    match admit(gw, &session, ip).await {
         Err(refusal) => {
             refuse(gw, session, ip, refusal).await;
             None
@@ -109,10 +103,12 @@ async fn run(
 async fn admit(
     gw: &Arc<Gateway>,
     session: &ServerSession,
-    shutdown: &ShutdownWatch,
     ip: Option<IpAddr>,
 ) -> Result<Admitted, Refusal> {
-    if *shutdown.borrow() || gw.admission.is_draining() {
+    // Only after the drain deadline: during the drain window an upgrade that still reaches this
+    // process (accepted just before Pingora stopped its listeners, or during a binary upgrade's
+    // hand-over) is served like any other and closed with 1001 at the deadline.
+    if gw.admission.is_draining() {
         return Err(Refusal::new(
             ErrorCode::Draining,
             "the gateway is draining; reconnect",

@@ -29,6 +29,8 @@ pub struct BackendState {
     /// How often this backend's pool checks it; `None` = no active checks.
     check_interval: Option<Duration>,
     up: AtomicBool,
+    /// Set by `POST /admin/backends/{name}/drain`: no new pins, existing sessions continue.
+    draining: AtomicBool,
     failures: AtomicU32,
     sessions: AtomicUsize,
     up_gauge: IntGauge,
@@ -38,6 +40,14 @@ pub struct BackendState {
 impl BackendState {
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn set_draining(&self, draining: bool) {
+        self.draining.store(draining, Ordering::Relaxed);
     }
 
     pub fn sessions(&self) -> usize {
@@ -121,6 +131,7 @@ impl Health {
                     addr: b.addr.clone(),
                     check_interval: pool.health_check_interval,
                     up: AtomicBool::new(true),
+                    draining: AtomicBool::new(false),
                     failures: AtomicU32::new(0),
                     sessions: AtomicUsize::new(0),
                     up_gauge: metrics.backend_up.with_label_values(&labels),

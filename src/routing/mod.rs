@@ -283,6 +283,8 @@ impl Router {
             .backends
             .iter()
             .filter_map(|b| health.get(pool_name, &b.name).map(|s| (b, s)))
+            // A draining backend keeps its pinned sessions but takes no new ones.
+            .filter(|(_, s)| !s.is_draining())
             .filter(|(_, s)| s.is_up())
             .collect();
         let pick = match &claims.backend {

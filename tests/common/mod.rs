@@ -26,12 +26,32 @@ pub const ADMIN_TOKEN: &str = "test-admin-token";
 /// milliseconds.
 pub const EVENT_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A free TCP port on loopback (bound and released; the gateway binds it right after).
+/// A free TCP port on loopback for a gateway to bind (bound and released here; the gateway
+/// binds it right after).
+///
+/// Not `bind(0)`: a port from the kernel's ephemeral range, once released, can be handed to a
+/// fixture's `bind(0)` or a client socket before the gateway binds it; Pingora then retries
+/// the bind while its readiness probe reaches the fixture. So ports come from below the
+/// ephemeral range (Linux: 32768+), each handed out once per test process, starting at an
+/// offset derived from the pid so consecutive test binaries do not reuse each other's ports.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20000;
+    const SPAN: u32 = 12000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        (std::process::id() * 97) % SPAN,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let port = (LOW + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {LOW}..{}", LOW + SPAN)
 }
 
 /// One backend in the generated config.
@@ -94,7 +114,11 @@ pub struct Gateway {
     child: Child,
     pub port: u16,
     pub admin_port: u16,
-    pub dir: tempfile::TempDir,
+    /// The directory of the config file, pid file and upgrade socket; owned by the first
+    /// process started with it (an upgraded successor shares it).
+    pub dir: Option<tempfile::TempDir>,
+    pub config_path: PathBuf,
+    redis_url: Option<String>,
     logs: Arc<Mutex<Vec<Value>>>,
     raw_logs: Arc<Mutex<Vec<String>>>,
     logged: Arc<Notify>,
@@ -155,15 +179,35 @@ impl Gateway {
         );
         let config_path = dir.path().join("vncgate.yaml");
         std::fs::write(&config_path, yaml).expect("write config");
+        let mut gw = Gateway::spawn(&config_path, port, admin_port, cfg.redis_url.clone(), &[]);
+        gw.dir = Some(dir);
+        gw.wait_log(|v| v["event"] == "listening" && v["addr"] == format!("127.0.0.1:{port}"))
+            .await;
+        gw.wait_log(|v| {
+            v["event"] == "listening" && v["addr"] == format!("127.0.0.1:{admin_port}")
+        })
+        .await;
+        if cfg.redis_url.is_some() && cfg.await_store {
+            gw.wait_log(|v| v["event"] == "store_connected").await;
+        }
+        gw
+    }
+
+    /// Start the binary on an existing config file (`extra_args`: e.g. `--upgrade`).
+    fn spawn(
+        config_path: &std::path::Path,
+        port: u16,
+        admin_port: u16,
+        redis_url: Option<String>,
+        extra_args: &[&str],
+    ) -> Gateway {
         let mut child = Command::new(env!("CARGO_BIN_EXE_vncgate"))
             .args(["run", "--config"])
-            .arg(&config_path)
+            .arg(config_path)
+            .args(extra_args)
             .env("VNCGATE_JWT_SECRET", SECRET)
             .env("VNCGATE_ADMIN_TOKEN", ADMIN_TOKEN)
-            .env(
-                "VNCGATE_REDIS_URL",
-                cfg.redis_url.clone().unwrap_or_default(),
-            )
+            .env("VNCGATE_REDIS_URL", redis_url.clone().unwrap_or_default())
             .env_remove("VNCGATE_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -192,25 +236,35 @@ impl Gateway {
                 logged.notify_waiters();
             });
         }
-        let gw = Gateway {
+        Gateway {
             child,
             port,
             admin_port,
-            dir,
+            dir: None,
+            config_path: config_path.to_owned(),
+            redis_url,
             logs,
             raw_logs,
             logged,
-        };
-        gw.wait_log(|v| v["event"] == "listening" && v["addr"] == format!("127.0.0.1:{port}"))
-            .await;
-        gw.wait_log(|v| {
-            v["event"] == "listening" && v["addr"] == format!("127.0.0.1:{admin_port}")
-        })
-        .await;
-        if cfg.redis_url.is_some() && cfg.await_store {
-            gw.wait_log(|v| v["event"] == "store_connected").await;
         }
-        gw
+    }
+
+    /// A successor process started with `--upgrade` on the same config: it takes the
+    /// listening sockets once this one is sent SIGQUIT.
+    pub fn spawn_upgrade(&self) -> Gateway {
+        Gateway::spawn(
+            &self.config_path,
+            self.port,
+            self.admin_port,
+            self.redis_url.clone(),
+            &["--upgrade"],
+        )
+    }
+
+    /// Edit the config file in place (then send SIGHUP to apply it).
+    pub fn rewrite_config(&self, edit: impl FnOnce(String) -> String) {
+        let text = std::fs::read_to_string(&self.config_path).expect("read config");
+        std::fs::write(&self.config_path, edit(text)).expect("write config");
     }
 
     /// The first log line matching `pred`, waiting for it if it has not been written yet.
