@@ -43,26 +43,47 @@ pub enum Command {
         config: PathBuf,
     },
     /// Print an HS256 token signed with the configured secret.
-    Token {
-        #[arg(long)]
-        config: PathBuf,
-        #[arg(long)]
-        sub: String,
-        #[arg(long)]
-        sid: Option<String>,
-        #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
-        ttl: Duration,
-        #[arg(long)]
-        pool: Option<String>,
-        #[arg(long)]
-        backend: Option<String>,
-        #[arg(long)]
-        view_only: bool,
-        #[arg(long)]
-        jti: Option<String>,
-    },
+    Token(TokenArgs),
     /// Zero-setup local run: in-memory store, fresh secret, plain listener, one backend.
     Demo(crate::demo::DemoArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TokenArgs {
+    #[arg(long)]
+    config: PathBuf,
+    #[arg(long)]
+    sub: String,
+    #[arg(long)]
+    sid: Option<String>,
+    #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    #[arg(long)]
+    pool: Option<String>,
+    #[arg(long)]
+    backend: Option<String>,
+    #[arg(long)]
+    view_only: bool,
+    #[arg(long)]
+    jti: Option<String>,
+}
+
+impl TokenArgs {
+    /// The claims to sign; issuer and audience come from the config, so the token passes the
+    /// gateway's own checks.
+    fn request(self, config: &Config) -> TokenRequest {
+        TokenRequest {
+            iss: config.auth.issuer.clone(),
+            aud: config.auth.audience.clone(),
+            sub: self.sub,
+            sid: self.sid,
+            ttl: self.ttl,
+            pool: self.pool,
+            backend: self.backend,
+            view_only: self.view_only,
+            jti: self.jti,
+        }
+    }
 }
 
 pub fn main() -> i32 {
@@ -123,31 +144,12 @@ pub fn main() -> i32 {
             },
             Err(code) => code,
         },
-        Command::Token {
-            config,
-            sub,
-            sid,
-            ttl,
-            pool,
-            backend,
-            view_only,
-            jti,
-        } => {
-            let config = match load(&config) {
+        Command::Token(args) => {
+            let config = match load(&args.config) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            let request = TokenRequest {
-                iss: config.auth.issuer.clone(),
-                aud: config.auth.audience.clone(),
-                sub,
-                sid,
-                ttl,
-                pool,
-                backend,
-                view_only,
-                jti,
-            };
+            let request = args.request(&config);
             match token(&config, &request) {
                 Ok(t) => {
                     println!("{t}");

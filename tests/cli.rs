@@ -79,8 +79,8 @@ fn replace_once(haystack: &str, from: &str, to: &str) -> String {
 
 // ---- check-config ---------------------------------------------------------------------------
 
-/// A self-signed pair standing in for `conf/tls/`, which the repository does not ship (see the
-/// top of conf/example.yaml). Returns the directory and the config text pointing into it.
+/// A self-signed pair standing in for the TLS files a config names (the repository ships none;
+/// see the top of conf/example.yaml). Returns the directory and the config text pointing into it.
 fn with_generated_tls(yaml: &str) -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().expect("tempdir");
     let certified =
@@ -91,7 +91,20 @@ fn with_generated_tls(yaml: &str) -> (tempfile::TempDir, String) {
         certified.signing_key.serialize_pem(),
     )
     .expect("key");
-    let yaml = yaml.replace("conf/tls/", &format!("{}/", dir.path().display()));
+    // Every listener's certificate and key point at the generated pair, whatever paths the
+    // file names (conf/example.yaml uses conf/tls/, deployment configs use their mount).
+    let mut doc: serde_yaml::Value = serde_yaml::from_str(yaml).expect("YAML");
+    if let Some(listeners) = doc.get_mut("listeners").and_then(|l| l.as_sequence_mut()) {
+        for tls in listeners.iter_mut().filter_map(|l| l.get_mut("tls")) {
+            if let Some(tls) = tls.as_mapping_mut() {
+                for (key, file) in [("cert", "cert.pem"), ("key", "key.pem")] {
+                    let path = dir.path().join(file).display().to_string();
+                    tls.insert(key.into(), path.into());
+                }
+            }
+        }
+    }
+    let yaml = serde_yaml::to_string(&doc).expect("YAML");
     (dir, yaml)
 }
 

@@ -11,7 +11,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use common::redis_server::RedisServer;
 use common::rfb_client::{self, WsConnect};
 use common::rfb_server::{Mode, RfbServer};
-use common::{BackendSpec, Gateway, GatewayConfig, now, token, token_with_claims};
+use common::{
+    BackendSpec, Gateway, GatewayConfig, now, open_session as open, open_with, token,
+    token_with_claims,
+};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::json;
 
@@ -23,21 +26,6 @@ async fn desk(name: &str) -> RfbServer {
         rgb: [1, 2, 3],
     };
     RfbServer::start(mode).await.expect("fixture")
-}
-
-struct Live {
-    ws: rfb_client::WsClient,
-    session: rfb_client::RfbSession,
-}
-
-async fn open_with(c: WsConnect) -> Live {
-    let (mut ws, _) = rfb_client::connect(&c).await.expect("upgrade");
-    let session = rfb_client::rfb_handshake(&mut ws).await.expect("handshake");
-    Live { ws, session }
-}
-
-async fn open(gw: &Gateway, jwt: &str) -> Live {
-    open_with(WsConnect::new(gw.ws_url(&format!("?token={jwt}")))).await
 }
 
 fn key(name: &str) -> PathBuf {

@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use common::redis_server::RedisServer;
 use common::rfb_client::{self, WsConnect};
 use common::rfb_server::{Mode, RfbServer};
-use common::{BackendSpec, Gateway, GatewayConfig, now};
+use common::{BackendSpec, Gateway, GatewayConfig, now, open_session as open};
 use futures_util::future::join_all;
 use redis::AsyncCommands;
 use serde_json::json;
@@ -55,18 +55,6 @@ fn jwt(sub: &str, sid: &str, jti: Option<&str>) -> String {
         claims["jti"] = json!(j);
     }
     common::token_with_claims(&claims)
-}
-
-struct Live {
-    ws: rfb_client::WsClient,
-    session: rfb_client::RfbSession,
-}
-
-async fn open(gw: &Gateway, token: &str) -> Live {
-    let c = WsConnect::new(gw.ws_url(&format!("?token={token}")));
-    let (mut ws, _) = rfb_client::connect(&c).await.expect("upgrade");
-    let session = rfb_client::rfb_handshake(&mut ws).await.expect("handshake");
-    Live { ws, session }
 }
 
 async fn refusal(gw: &Gateway, token: &str) -> (u16, String) {

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
-use super::{Gateway, KEEPALIVE_SECONDS, respond};
+use super::{Gateway, respond};
 use crate::auth::mint::now_unix;
 use crate::control::{self, ControlEvent};
 
@@ -292,15 +292,9 @@ impl HttpServerApp for AdminApp {
         mut session: ServerSession,
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
-        match session.read_request().await {
-            Ok(true) => {}
-            Ok(false) | Err(_) => return None,
+        if !respond::read_request(&mut session, shutdown).await {
+            return None;
         }
-        session.set_keepalive(if *shutdown.borrow() {
-            None
-        } else {
-            Some(KEEPALIVE_SECONDS)
-        });
         let response = self.route(&mut session).await;
         let (parts, body) = response.into_parts();
         let content_type = parts

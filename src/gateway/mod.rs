@@ -95,18 +95,9 @@ impl HttpServerApp for App {
         mut session: ServerSession,
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
-        match session.read_request().await {
-            Ok(true) => {}
-            // The client closed an idle keep-alive connection, or sent garbage: nothing to answer.
-            Ok(false) | Err(_) => return None,
+        if !respond::read_request(&mut session, shutdown).await {
+            return None;
         }
-        // Pingora leaves a reused keep-alive connection without any read timeout; without this
-        // a client could hold a connection open forever after one cheap request.
-        session.set_keepalive(if *shutdown.borrow() {
-            None
-        } else {
-            Some(KEEPALIVE_SECONDS)
-        });
         let gw = &self.0;
         let path = session.req_header().uri.path().to_owned();
         let config = gw.config();

@@ -4,7 +4,27 @@ use bytes::Bytes;
 use http::StatusCode;
 use pingora_core::apps::{HttpPersistentSettings, ReusedHttpStream};
 use pingora_core::protocols::http::ServerSession;
+use pingora_core::server::ShutdownWatch;
 use pingora_http::ResponseHeader;
+
+use super::KEEPALIVE_SECONDS;
+
+/// Read the request head and set the keep-alive timeout; `false` when there is nothing to
+/// answer (the client closed an idle keep-alive connection, or sent garbage). The error is not
+/// logged: Pingora's errors quote the raw request bytes, credentials included.
+pub async fn read_request(session: &mut ServerSession, shutdown: &ShutdownWatch) -> bool {
+    if !matches!(session.read_request().await, Ok(true)) {
+        return false;
+    }
+    // Pingora leaves a reused keep-alive connection without any read timeout; without this a
+    // client could hold a connection open forever after one cheap request.
+    session.set_keepalive(if *shutdown.borrow() {
+        None
+    } else {
+        Some(KEEPALIVE_SECONDS)
+    });
+    true
+}
 
 /// Write a full response; returns the connection for keep-alive reuse when it is reusable.
 pub async fn send(

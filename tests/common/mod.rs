@@ -432,3 +432,24 @@ pub fn token_with_claims(claims: &Value) -> String {
 pub fn now() -> u64 {
     vncgate::auth::mint::now_unix()
 }
+
+/// A live RFB session through a gateway: the WebSocket and what the handshake told.
+pub struct Live {
+    pub ws: rfb_client::WsClient,
+    pub session: rfb_client::RfbSession,
+}
+
+/// Upgrade with `connect` and complete the RFB handshake.
+pub async fn open_with(connect: rfb_client::WsConnect) -> Live {
+    let (mut ws, _) = rfb_client::connect(&connect).await.expect("upgrade");
+    let session = rfb_client::rfb_handshake(&mut ws).await.expect("handshake");
+    Live { ws, session }
+}
+
+/// Open a session with the token in the query string.
+pub async fn open_session(gw: &Gateway, token: &str) -> Live {
+    open_with(rfb_client::WsConnect::new(
+        gw.ws_url(&format!("?token={token}")),
+    ))
+    .await
+}
