@@ -6,7 +6,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+// Unbuffered L4 streams: after the 101 the WebSocket layer has its own buffer, and Pingora's
+// default 64 KiB read buffer would add a copy on the data path and memory to every session.
 use pingora_core::listeners::tls::TlsSettings;
+use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
 use pingora_core::protocols::ALPN;
 use pingora_core::server::Server;
 use pingora_core::server::configuration::{Opt, ServerConf};
@@ -132,7 +135,8 @@ pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     for (index, listener) in config.listeners.iter().enumerate() {
         let addr = listener.addr.to_string();
         match &listener.tls {
-            None => public.add_tcp(&addr),
+            None => public
+                .add_listener(ListenerConfig::tcp(&addr).l4_buffer(L4BufferSettings::unbuffered())),
             Some(_) => {
                 let Some(slot) = gw.tls.get(index).cloned().flatten() else {
                     continue;
@@ -146,7 +150,10 @@ pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
                 settings.set_cert_resolver(slot);
                 // HTTP/1.1 only: WebSocket over HTTP/2 (RFC 8441) is not what noVNC speaks.
                 settings.set_alpn(ALPN::H1);
-                public.add_tls_with_settings(&addr, None, settings);
+                let listener = ListenerConfig::tcp(&addr)
+                    .l4_buffer(L4BufferSettings::unbuffered())
+                    .tls(settings);
+                public.add_listener(listener);
             }
         }
     }

@@ -30,6 +30,7 @@ use crate::routing::{Pin, Placement};
 use crate::sessions::SessionInfo;
 
 const BACKEND_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const CLIENT_READ_BUFFER: usize = 8 * 1024;
 /// Bytes taken along with the 101; a client has no reason to send more before the backend has
 /// spoken, and the bound keeps this loop from copying an arbitrary burst.
 const MAX_EARLY_BYTES: usize = 64 * 1024;
@@ -315,6 +316,10 @@ async fn serve(
     let config = gw.config();
     let limits = &config.limits;
     let ws_config = WebSocketConfig::default()
+        // Client->backend traffic is input events (a few bytes each); tungstenite's 128 KiB
+        // default would be touched by its first read and cost 128 KiB per idle session. Larger
+        // messages grow the buffer as needed.
+        .read_buffer_size(CLIENT_READ_BUFFER)
         .max_message_size(Some(limits.max_message_bytes))
         .max_frame_size(Some(limits.max_message_bytes))
         // Frames go out as soon as they are written: RFB is latency-bound, and the bridge
