@@ -121,6 +121,8 @@ pub fn main() -> i32 {
                 Err(code) => return code,
             };
             crate::telemetry::init(config.logging.format, &config.logging.level);
+            // Absolute: `--daemon` moves the process to `/`, and SIGHUP re-reads this path.
+            let path = std::path::absolute(&path).unwrap_or(path);
             let options = RunOptions {
                 upgrade,
                 daemon,
@@ -135,13 +137,29 @@ pub fn main() -> i32 {
             }
         }
         Command::CheckConfig { config } => match load(&config) {
-            Ok(c) => match crate::auth::Verifier::new(&c.auth) {
-                Ok(_) => EXIT_OK,
-                Err(e) => {
-                    eprintln!("{e}");
+            Ok(c) => {
+                // What `run` would load beyond the file itself: keys and certificates, so a
+                // config that passes here does not fail at start.
+                let mut problems: Vec<String> = Vec::new();
+                if let Err(e) = crate::auth::Verifier::new(&c.auth) {
+                    problems.push(e.to_string());
+                }
+                for (index, listener) in c.listeners.iter().enumerate() {
+                    if let Some(files) = &listener.tls
+                        && let Err(e) = crate::gateway::tls::load(index, &files.cert, &files.key)
+                    {
+                        problems.push(e.to_string());
+                    }
+                }
+                for p in &problems {
+                    eprintln!("{p}");
+                }
+                if problems.is_empty() {
+                    EXIT_OK
+                } else {
                     EXIT_USAGE
                 }
-            },
+            }
             Err(code) => code,
         },
         Command::Token(args) => {
