@@ -72,6 +72,7 @@ const vg = {
     state: 'connecting',        // 'connecting' | 'connected' | 'disconnected'
     closeCode: null,            // WebSocket close code of the last connection (number) or null
     closeReason: null,          // its close reason (string) or null
+    closeCodes: [],             // close codes of every connection this page opened, in order
     clean: null,                // noVNC's disconnect detail.clean
     desktopName: null,
     securityFailure: null,      // { status, reason } from noVNC's securityfailure event
@@ -224,6 +225,7 @@ function connect() {
         if (gen !== generation) return;
         socketClosed = true;
         vg.closeCode = e.code;
+        vg.closeCodes.push(e.code);
         vg.closeReason = e.reason || '';
         if (rfbDisconnected) finish();
     });

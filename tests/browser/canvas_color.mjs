@@ -6,30 +6,12 @@
 
 import { chromium } from 'playwright-core';
 import { spawn } from 'node:child_process';
+import { LAUNCH_ARGS, redact } from './lib.mjs';
 
 const USAGE = `usage: node tests/browser/canvas_color.mjs --url URL --expect-rgb R,G,B
        [--timeout-ms N] [--screenshot PATH] [--ignore-https-errors]
        [--tolerance N] [--match all|any] [--chromium PATH]
        [--after-cmd 'SHELL COMMAND' --after-rgb R,G,B]`;
-
-const LAUNCH_ARGS = [
-    '--no-sandbox',
-    '--disable-gpu',
-    '--disable-quic',
-    '--no-first-run',
-    '--disable-background-networking',
-    '--disable-component-update',
-    '--disable-sync',
-];
-
-// The URL (fragment or query) and browser messages may carry the JWT: scrub before printing.
-function redact(s) {
-    return String(s)
-        .replace(/(token=)[^&#\s"']+/gi, '$1REDACTED')
-        .replace(/(bearer\.)[^\s,"']+/gi, '$1REDACTED')
-        .replace(/eyJ[\w-]+\.[\w-]+\.[\w-]*/g, 'JWT-REDACTED')
-        .slice(0, 500);
-}
 
 let printed = false;
 function emit(obj) {
