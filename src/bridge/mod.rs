@@ -29,6 +29,9 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 pub use backend::{BackendRead, BackendWrite};
 pub use close::{CloseCode, EndReason};
 
+/// Backend chunks at least this large give the worker thread back after being forwarded.
+const YIELD_AFTER_BYTES: usize = 16 * 1024;
+
 /// How long the closing handshake may take before the connection is simply dropped.
 const CLOSE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -186,6 +189,15 @@ where
                     meters.backend_to_client_wait.inc_by(started.elapsed().as_secs_f64());
                     bytes_out.fetch_add(n as u64, Ordering::Relaxed);
                     meters.backend_to_client_bytes.inc_by(n as u64);
+                    // A bulk stream whose sockets are always ready would otherwise keep its
+                    // worker for tokio's whole budget (128 operations, ~8 MiB at 64 KiB
+                    // chunks) before another session runs: with 100 such streams an
+                    // interactive session waited hundreds of milliseconds. Yielding after each
+                    // large chunk bounds a round over all sessions to one chunk each; small
+                    // (interactive) chunks do not yield, so they keep their latency.
+                    if n >= YIELD_AFTER_BYTES {
+                        tokio::task::yield_now().await;
+                    }
                 }
                 _ = ping.tick() => {
                     let silent = clock.now_ms().saturating_sub(last_seen.load(Ordering::Relaxed));
