@@ -1,0 +1,474 @@
+//! Turn the JSON lines of several runs into the table of BENCHMARKS.md: per path the median and
+//! min–max of each figure, the ratios between paths, and each target's verdict.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::PathBuf;
+
+use clap::Args;
+use serde_json::Value;
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Files of JSON lines written by `vncgate-bench client` (other lines are skipped).
+    pub files: Vec<PathBuf>,
+    /// Exit non-zero when any run had failed or dropped sessions, or measured nothing.
+    #[arg(long)]
+    pub check: bool,
+}
+
+const PATHS: [&str; 4] = ["direct", "vncgate", "vncgate-redis", "websockify"];
+
+struct Figure {
+    scenario: &'static str,
+    pointer: &'static str,
+    name: &'static str,
+}
+
+const FIGURES: &[Figure] = &[
+    Figure {
+        scenario: "bulk",
+        pointer: "/result/mb_per_s",
+        name: "bulk: MB/s, all sessions",
+    },
+    Figure {
+        scenario: "bulk",
+        pointer: "/result/per_session_mb_per_s/median",
+        name: "bulk: MB/s per session (median session)",
+    },
+    Figure {
+        scenario: "latency",
+        pointer: "/result/p50_us",
+        name: "latency: round trip p50 µs",
+    },
+    Figure {
+        scenario: "latency",
+        pointer: "/result/p99_us",
+        name: "latency: round trip p99 µs",
+    },
+    Figure {
+        scenario: "latency",
+        pointer: "/result/p999_us",
+        name: "latency: round trip p99.9 µs",
+    },
+    Figure {
+        scenario: "upgrades",
+        pointer: "/result/rate_per_s",
+        name: "upgrades: sessions opened per s",
+    },
+    Figure {
+        scenario: "upgrades",
+        pointer: "/result/upgrade_p50_us",
+        name: "upgrades: connect+upgrade p50 µs",
+    },
+    Figure {
+        scenario: "upgrades",
+        pointer: "/result/upgrade_p99_us",
+        name: "upgrades: connect+upgrade p99 µs",
+    },
+    Figure {
+        scenario: "idle",
+        pointer: "/result/procs/gateway/rss_per_session_kib",
+        name: "idle: RSS / sessions, KiB",
+    },
+    Figure {
+        scenario: "idle",
+        pointer: "/result/procs/gateway/delta_rss_per_session_kib",
+        name: "idle: (RSS − RSS before) / sessions, KiB",
+    },
+    Figure {
+        scenario: "idle",
+        pointer: "/result/procs/gateway/pss_per_session_kib",
+        name: "idle: PSS / sessions, KiB",
+    },
+    Figure {
+        scenario: "fairness",
+        pointer: "/result/interactive/p50_us",
+        name: "fairness: interactive p50 µs",
+    },
+    Figure {
+        scenario: "fairness",
+        pointer: "/result/interactive/p99_us",
+        name: "fairness: interactive p99 µs",
+    },
+    Figure {
+        scenario: "fairness",
+        pointer: "/result/bulk/mb_per_s",
+        name: "fairness: bulk MB/s meanwhile",
+    },
+];
+
+/// runs[scenario][label] = the JSON lines of that path, in file order.
+type Runs = BTreeMap<String, BTreeMap<String, Vec<Value>>>;
+
+fn load(files: &[PathBuf]) -> Result<Runs, String> {
+    let mut runs: Runs = BTreeMap::new();
+    for f in files {
+        let text = fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
+        for line in text.lines() {
+            let Ok(v) = serde_json::from_str::<Value>(line) else {
+                continue;
+            };
+            let (Some(scenario), Some(label)) = (
+                v.get("scenario").and_then(Value::as_str),
+                v.get("label").and_then(Value::as_str),
+            ) else {
+                continue;
+            };
+            runs.entry(scenario.to_owned())
+                .or_default()
+                .entry(label.to_owned())
+                .or_default()
+                .push(v);
+        }
+    }
+    Ok(runs)
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Stats {
+    median: f64,
+    min: f64,
+    max: f64,
+    n: usize,
+}
+
+fn stats(values: &[f64]) -> Option<Stats> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let median = if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    };
+    Some(Stats {
+        median,
+        min: v[0],
+        max: v[n - 1],
+        n,
+    })
+}
+
+fn values(runs: &Runs, scenario: &str, label: &str, pointer: &str) -> Vec<f64> {
+    runs.get(scenario)
+        .and_then(|m| m.get(label))
+        .map(|lines| {
+            lines
+                .iter()
+                .filter_map(|v| v.pointer(pointer).and_then(Value::as_f64))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Values keyed by run number, to pair runs of two paths.
+fn by_run(runs: &Runs, scenario: &str, label: &str, pointer: &str) -> BTreeMap<u64, f64> {
+    runs.get(scenario)
+        .and_then(|m| m.get(label))
+        .map(|lines| {
+            lines
+                .iter()
+                .filter_map(|v| {
+                    Some((
+                        v.get("run")?.as_u64()?,
+                        v.pointer(pointer).and_then(Value::as_f64)?,
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn fmt_num(x: f64) -> String {
+    if x.abs() >= 100.0 {
+        format!("{x:.0}")
+    } else if x.abs() >= 10.0 {
+        format!("{x:.1}")
+    } else {
+        format!("{x:.2}")
+    }
+}
+
+fn fmt_stats(s: Option<Stats>) -> String {
+    match s {
+        None => "–".into(),
+        Some(s) if s.n == 1 => fmt_num(s.median),
+        Some(s) => format!(
+            "{} ({}–{})",
+            fmt_num(s.median),
+            fmt_num(s.min),
+            fmt_num(s.max)
+        ),
+    }
+}
+
+enum Kind {
+    /// a / b of the medians must be at least the bound.
+    Ratio,
+    /// a − b of the medians must be at most the bound.
+    Added,
+    /// a's median must be at most the bound.
+    Absolute,
+}
+
+struct Target {
+    what: &'static str,
+    scenario: &'static str,
+    pointer: &'static str,
+    a: &'static str,
+    b: &'static str,
+    kind: Kind,
+    bound: f64,
+}
+
+const TARGETS: &[Target] = &[
+    Target {
+        what: "bulk throughput vs websockify",
+        scenario: "bulk",
+        pointer: "/result/mb_per_s",
+        a: "vncgate",
+        b: "websockify",
+        kind: Kind::Ratio,
+        bound: 2.0,
+    },
+    Target {
+        what: "bulk throughput vs direct TCP",
+        scenario: "bulk",
+        pointer: "/result/mb_per_s",
+        a: "vncgate",
+        b: "direct",
+        kind: Kind::Ratio,
+        bound: 0.55,
+    },
+    Target {
+        what: "latency p50 added over direct (µs)",
+        scenario: "latency",
+        pointer: "/result/p50_us",
+        a: "vncgate",
+        b: "direct",
+        kind: Kind::Added,
+        bound: 40.0,
+    },
+    Target {
+        what: "latency p99 added over direct (µs)",
+        scenario: "latency",
+        pointer: "/result/p99_us",
+        a: "vncgate",
+        b: "direct",
+        kind: Kind::Added,
+        bound: 150.0,
+    },
+    Target {
+        what: "upgrades/s (memory store) vs websockify",
+        scenario: "upgrades",
+        pointer: "/result/rate_per_s",
+        a: "vncgate",
+        b: "websockify",
+        kind: Kind::Ratio,
+        bound: 10.0,
+    },
+    Target {
+        what: "upgrades/s (Redis store) vs websockify",
+        scenario: "upgrades",
+        pointer: "/result/rate_per_s",
+        a: "vncgate-redis",
+        b: "websockify",
+        kind: Kind::Ratio,
+        bound: 5.0,
+    },
+    Target {
+        what: "idle RSS per session (KiB)",
+        scenario: "idle",
+        pointer: "/result/procs/gateway/rss_per_session_kib",
+        a: "vncgate",
+        b: "",
+        kind: Kind::Absolute,
+        bound: 32.0,
+    },
+    Target {
+        what: "interactive p99 under bulk load (µs)",
+        scenario: "fairness",
+        pointer: "/result/interactive/p99_us",
+        a: "vncgate",
+        b: "",
+        kind: Kind::Absolute,
+        bound: 5000.0,
+    },
+];
+
+fn median_of(runs: &Runs, scenario: &str, label: &str, pointer: &str) -> Option<f64> {
+    stats(&values(runs, scenario, label, pointer)).map(|s| s.median)
+}
+
+pub fn main(args: ReportArgs) -> Result<(), String> {
+    let runs = load(&args.files)?;
+    let present: Vec<&str> = PATHS
+        .iter()
+        .copied()
+        .filter(|p| runs.values().any(|m| m.contains_key(*p)))
+        .collect();
+    let mut out = String::new();
+    out.push_str("| figure |");
+    for p in &present {
+        out.push_str(&format!(" {p} |"));
+    }
+    out.push_str("\n|---|");
+    for _ in &present {
+        out.push_str("---|");
+    }
+    out.push('\n');
+    for f in FIGURES {
+        if !runs.contains_key(f.scenario) {
+            continue;
+        }
+        out.push_str(&format!("| {} |", f.name));
+        for p in &present {
+            out.push_str(&format!(
+                " {} |",
+                fmt_stats(stats(&values(&runs, f.scenario, p, f.pointer)))
+            ));
+        }
+        out.push('\n');
+    }
+    out.push_str("| load average (1 min) during the runs |");
+    for p in &present {
+        let loads: Vec<f64> = runs
+            .values()
+            .filter_map(|m| m.get(*p))
+            .flatten()
+            .filter_map(|v| v.pointer("/load_avg_after/0").and_then(Value::as_f64))
+            .collect();
+        out.push_str(&format!(" {} |", fmt_stats(stats(&loads))));
+    }
+    out.push_str("\n\n");
+
+    out.push_str(
+        "| target | measured (median; per-run range) | bound | verdict |\n|---|---|---|---|\n",
+    );
+    for t in TARGETS {
+        let Some(a) = median_of(&runs, t.scenario, t.a, t.pointer) else {
+            continue;
+        };
+        let b = if t.b.is_empty() {
+            None
+        } else {
+            match median_of(&runs, t.scenario, t.b, t.pointer) {
+                Some(b) => Some(b),
+                None => continue,
+            }
+        };
+        let combine = |x: f64, y: f64| match t.kind {
+            Kind::Ratio => x / y,
+            Kind::Added => x - y,
+            Kind::Absolute => x,
+        };
+        let value = combine(a, b.unwrap_or(0.0));
+        let pass = match t.kind {
+            Kind::Ratio => value >= t.bound,
+            Kind::Added | Kind::Absolute => value <= t.bound,
+        };
+        // Per-run range: pair run i of one path with run i of the other.
+        let range = if t.b.is_empty() {
+            stats(&values(&runs, t.scenario, t.a, t.pointer))
+        } else {
+            let ra = by_run(&runs, t.scenario, t.a, t.pointer);
+            let rb = by_run(&runs, t.scenario, t.b, t.pointer);
+            let paired: Vec<f64> = ra
+                .iter()
+                .filter_map(|(run, x)| rb.get(run).map(|y| combine(*x, *y)))
+                .collect();
+            stats(&paired)
+        };
+        let shown = match range {
+            Some(r) if r.n > 1 => {
+                format!("{} ({}–{})", fmt_num(value), fmt_num(r.min), fmt_num(r.max))
+            }
+            _ => fmt_num(value),
+        };
+        let bound = match t.kind {
+            Kind::Ratio => format!("≥ {}×", t.bound),
+            Kind::Added | Kind::Absolute => format!("≤ {}", t.bound),
+        };
+        out.push_str(&format!(
+            "| {} | {} | {} | {} |\n",
+            t.what,
+            shown,
+            bound,
+            if pass { "pass" } else { "MISS" }
+        ));
+    }
+    let problems = check(&runs);
+    if !problems.is_empty() {
+        out.push_str("\nRuns that did not do all they were asked:\n\n");
+        for p in &problems {
+            out.push_str(&format!("- {p}\n"));
+        }
+    }
+    print!("{out}");
+    if args.check && !problems.is_empty() {
+        return Err(format!("check failed: {}", problems.join("; ")));
+    }
+    Ok(())
+}
+
+/// Runs that did not do what they were asked: failures, dropped sessions, nothing measured.
+fn check(runs: &Runs) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (scenario, paths) in runs {
+        for (label, lines) in paths {
+            for v in lines {
+                let run = v.get("run").and_then(Value::as_u64).unwrap_or(0);
+                let num = |p: &str| v.pointer(p).and_then(Value::as_f64);
+                let mut bad =
+                    |what: &str| problems.push(format!("{scenario}/{label} run {run}: {what}"));
+                for p in [
+                    "/result/failed",
+                    "/result/session_errors",
+                    "/result/bulk_session_errors",
+                    "/result/dropped_before_report",
+                ] {
+                    if num(p).unwrap_or(0.0) > 0.0 {
+                        let first = v
+                            .pointer("/result/first_error")
+                            .and_then(Value::as_str)
+                            .map(|e| format!(" (first error: {e})"))
+                            .unwrap_or_default();
+                        bad(&format!("{} = {}{first}", &p[8..], num(p).unwrap_or(0.0)));
+                    }
+                }
+                let measured = match scenario.as_str() {
+                    "bulk" => num("/result/mb_per_s"),
+                    "latency" => num("/result/count"),
+                    "upgrades" => num("/result/ok"),
+                    "idle" => num("/result/established"),
+                    "fairness" => num("/result/interactive/count")
+                        .zip(num("/result/bulk/mb_per_s"))
+                        .map(|(a, b)| a.min(b)),
+                    _ => Some(1.0),
+                };
+                if measured.unwrap_or(0.0) <= 0.0 {
+                    bad("measured nothing");
+                }
+            }
+        }
+    }
+    problems
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_and_range() {
+        let s = stats(&[3.0, 1.0, 2.0, 10.0]).unwrap();
+        assert_eq!(s.median, 2.5);
+        assert_eq!(s.min, 1.0);
+        assert_eq!(s.max, 10.0);
+        assert!(stats(&[]).is_none());
+    }
+}
