@@ -6,8 +6,8 @@
 //! Never a user, session or token as a label: cardinality stays bounded by the config.
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::bridge::CloseCode;
@@ -63,6 +63,9 @@ pub struct Metrics {
     /// Not in the contract's table (allowed: additions only). Bytes read from one side and not
     /// yet written to the other, summed over sessions: the proof that buffers stay bounded.
     pub relay_buffered_bytes: IntGauge,
+    /// Backend -> client bytes moved by splice(2), never copied into user space: shows whether
+    /// the zero-copy path is in use (it is not on TLS listeners, nor where the kernel refuses).
+    pub relay_spliced_bytes_total: IntCounter,
     /// Configured capacity, so alerts can compare `sessions_active` with it.
     pub max_sessions: Gauge,
     /// 1 for the hash of the config file in use (the series of older hashes are removed).
@@ -186,6 +189,10 @@ impl Metrics {
                 "vncgate_relay_buffered_bytes",
                 "Bytes read from one side of a session and not yet written to the other.",
             )?,
+            relay_spliced_bytes_total: IntCounter::new(
+                "vncgate_relay_spliced_bytes_total",
+                "Backend-to-client payload bytes moved by splice(2) without a copy into the gateway.",
+            )?,
             max_sessions: Gauge::new("vncgate_max_sessions", "Configured limits.max_sessions.")?,
             config_info: GaugeVec::new(
                 Opts::new(
@@ -230,6 +237,7 @@ impl Metrics {
         r.register(Box::new(self.store_op_duration.clone()))?;
         r.register(Box::new(self.auth_failures_total.clone()))?;
         r.register(Box::new(self.relay_buffered_bytes.clone()))?;
+        r.register(Box::new(self.relay_spliced_bytes_total.clone()))?;
         r.register(Box::new(self.max_sessions.clone()))?;
         r.register(Box::new(self.config_info.clone()))?;
         r.register(Box::new(self.config_reloads_total.clone()))?;

@@ -27,7 +27,7 @@ use crate::readiness;
 use crate::routing::redis::RedisStore;
 use crate::routing::{Health, MemoryStore, Router, SessionStore};
 use crate::services::{
-    Announcer, CLOSE_GRACE, Drain, HealthChecks, JwksRefresh, Reloader, StoreSupervisor,
+    Announcer, CLOSE_GRACE, Drain, HealthChecks, JwksRefresh, MemoryTrim, Reloader, StoreSupervisor,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -202,6 +202,10 @@ pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     };
     server.add_service(background_service("reload", reloader));
     server.add_service(background_service("readiness", Announcer(announce)));
+    server.add_service(background_service(
+        "memory-trim",
+        MemoryTrim(Arc::clone(&gw)),
+    ));
     server.add_service(background_service("drain", Drain(Arc::clone(&gw))));
     server.run_forever();
 }

@@ -83,6 +83,11 @@ impl Registry {
         self.next_conn_id.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// How many connection ids were handed out so far: changes with every new connection.
+    pub fn conn_ids_issued(&self) -> u64 {
+        self.next_conn_id.load(Ordering::Relaxed)
+    }
+
     pub fn register(
         self: &Arc<Self>,
         info: SessionInfo,

@@ -24,6 +24,11 @@ pub trait BackendRead: Send {
         &mut self,
         buf: &mut BytesMut,
     ) -> impl Future<Output = io::Result<Option<Bytes>>> + Send;
+
+    /// The TCP reader behind this backend, whose bytes can be spliced to the client.
+    fn as_tcp(&mut self) -> Option<&mut TcpRead> {
+        None
+    }
 }
 
 pub trait BackendWrite: Send {
@@ -34,6 +39,10 @@ pub trait BackendWrite: Send {
 
 /// The smallest read: an idle desktop's session holds only this much between updates.
 const MIN_CHUNK: usize = 4 * 1024;
+
+/// From this read size on the traffic counts as bulk and is spliced where possible
+/// ([`super::splice`]); below it, one copy costs less than the extra system calls.
+const BULK_CHUNK: usize = 32 * 1024;
 
 pub struct TcpRead {
     half: OwnedReadHalf,
@@ -57,25 +66,50 @@ pub fn tcp(stream: TcpStream) -> (TcpRead, TcpWrite) {
 
 impl BackendRead for TcpRead {
     async fn read_chunk(&mut self, buf: &mut BytesMut) -> io::Result<Option<Bytes>> {
-        // After a burst the buffer may still own a large allocation; an idle session gives it
-        // back rather than keeping 64 KiB per session (10,000 idle sessions = 640 MiB).
-        if buf.is_empty() && buf.capacity() > self.chunk * 4 {
+        if buf.is_empty() && self.chunk == MIN_CHUNK {
+            // Idle or interactive: wait without a buffer, so 10,000 idle sessions do not hold
+            // 40 MiB of empty ones. A 4 KiB allocation per small chunk costs about 0.1 µs of a
+            // round trip of tens of µs; bulk streams (larger chunks) keep theirs.
+            *buf = BytesMut::new();
+            self.half.readable().await?;
+        } else if buf.is_empty() && buf.capacity() > self.chunk * 4 {
+            // After a burst, give the large allocation back rather than keep 64 KiB per session.
             *buf = BytesMut::new();
         }
         // `split().freeze()` hands the bytes to the WebSocket layer; once that frame is written
-        // the `Bytes` is dropped and this `reserve` reclaims the same allocation, so the steady
-        // state allocates nothing per chunk.
+        // the `Bytes` is dropped and this `reserve` reclaims the same allocation, so a stream
+        // allocates nothing per chunk.
         buf.reserve(self.chunk);
         let n = (&mut self.half)
             .take(self.chunk as u64)
             .read_buf(buf)
             .await?;
-        if n == self.chunk {
+        self.adapt(n);
+        Ok((n > 0).then(|| buf.split().freeze()))
+    }
+
+    fn as_tcp(&mut self) -> Option<&mut TcpRead> {
+        Some(self)
+    }
+}
+
+impl TcpRead {
+    /// Follow the traffic after a read of `n` bytes.
+    pub fn adapt(&mut self, n: usize) {
+        if n >= self.chunk {
             self.chunk = (self.chunk * 2).min(READ_CHUNK);
         } else if n < self.chunk / 4 {
             self.chunk = (self.chunk / 2).max(MIN_CHUNK);
         }
-        Ok((n > 0).then(|| buf.split().freeze()))
+    }
+
+    /// Reads have been filling large chunks: a framebuffer burst rather than input echoes.
+    pub fn is_bulk(&self) -> bool {
+        self.chunk >= BULK_CHUNK
+    }
+
+    pub fn socket(&self) -> &TcpStream {
+        self.half.as_ref()
     }
 }
 

@@ -11,9 +11,16 @@
 //! final close frame.
 
 pub mod backend;
+pub mod client;
 mod close;
+mod fairness;
+pub mod splice;
 
+use std::future::{Future, poll_fn};
+use std::io;
+use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -28,9 +35,8 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 pub use backend::{BackendRead, BackendWrite};
 pub use close::{CloseCode, EndReason};
-
-/// Backend chunks at least this large give the worker thread back after being forwarded.
-const YIELD_AFTER_BYTES: usize = 16 * 1024;
+use fairness::Share;
+pub use splice::Splicer;
 
 /// How long the closing handshake may take before the connection is simply dropped.
 const CLOSE_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -52,6 +58,7 @@ pub struct Meters {
     pub client_to_backend_wait: Counter,
     pub backend_to_client_wait: Counter,
     pub buffered: IntGauge,
+    pub spliced: IntCounter,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -103,6 +110,7 @@ pub async fn run<S, R, W>(
     limits: &BridgeLimits,
     meters: &Meters,
     mut control: watch::Receiver<Option<CloseCode>>,
+    mut splicer: Option<Splicer>,
 ) -> Outcome
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -166,6 +174,7 @@ where
 
     let backend_to_client = async {
         let mut buf = BytesMut::new();
+        let mut share = Share::new();
         let mut ping = tokio::time::interval(limits.ping_interval);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ping.tick().await; // the first tick is immediate; the first ping goes one interval in
@@ -174,37 +183,49 @@ where
         tokio::pin!(idle_timer);
         loop {
             tokio::select! {
-                read = backend_read.read_chunk(&mut buf) => {
-                    let data = match read {
-                        Ok(Some(data)) => data,
+                read = next_chunk(&mut backend_read, &mut buf, splicer.as_mut()) => {
+                    let chunk = match read {
+                        Ok(Some(chunk)) => chunk,
                         Ok(None) => return EndReason::Gateway(CloseCode::Normal),
                         Err(_) => return EndReason::Gateway(CloseCode::TryAgain),
                     };
-                    let n = data.len();
-                    let _held = Held::new(&meters.buffered, n);
+                    let n = chunk.len();
+                    let spliced = matches!(chunk, Chunk::Piped(_));
+                    let held = Held::new(&meters.buffered, n);
                     let started = Instant::now();
-                    if let Err(end) = send_or_stall(&mut sink, Message::Binary(data), dead_after, &mut control).await {
+                    let sent = match (chunk, splicer.as_mut()) {
+                        (Chunk::Copied(data), _) => {
+                            within_stall(sink.send(Message::Binary(data)), dead_after, &mut control).await
+                        }
+                        (Chunk::Piped(n), Some(splicer)) => {
+                            // tungstenite may hold the rest of a pong it began; it must go out
+                            // before the frame opens.
+                            let frame = async {
+                                sink.flush().await.map_err(io::Error::other)?;
+                                splicer.send_frame(n).await
+                            };
+                            within_stall(frame, dead_after, &mut control).await
+                        }
+                        (Chunk::Piped(_), None) => Err(EndReason::Gateway(CloseCode::Internal)),
+                    };
+                    if let Err(end) = sent {
                         return end;
                     }
                     meters.backend_to_client_wait.inc_by(started.elapsed().as_secs_f64());
                     bytes_out.fetch_add(n as u64, Ordering::Relaxed);
                     meters.backend_to_client_bytes.inc_by(n as u64);
-                    // A bulk stream whose sockets are always ready would otherwise keep its
-                    // worker for tokio's whole budget (128 operations, ~8 MiB at 64 KiB
-                    // chunks) before another session runs: with 100 such streams an
-                    // interactive session waited hundreds of milliseconds. Yielding after each
-                    // large chunk bounds a round over all sessions to one chunk each; small
-                    // (interactive) chunks do not yield, so they keep their latency.
-                    if n >= YIELD_AFTER_BYTES {
-                        tokio::task::yield_now().await;
+                    if spliced {
+                        meters.spliced.inc_by(n as u64);
                     }
+                    drop(held);
+                    share.after_chunk(n).await;
                 }
                 _ = ping.tick() => {
                     let silent = clock.now_ms().saturating_sub(last_seen.load(Ordering::Relaxed));
                     if Duration::from_millis(silent) > dead_after && !writing_backend.load(Ordering::Relaxed) {
                         return EndReason::Client(CloseCode::Abnormal);
                     }
-                    if let Err(end) = send_or_stall(&mut sink, Message::Ping(Bytes::new()), dead_after, &mut control).await {
+                    if let Err(end) = within_stall(sink.send(Message::Ping(Bytes::new())), dead_after, &mut control).await {
                         return end;
                     }
                 }
@@ -235,7 +256,20 @@ where
         end = backend_to_client => end,
     };
 
-    finish(&mut sink, &mut stream, end).await;
+    // A frame the cancelled pump left half-sent is completed first: anything written inside it
+    // would corrupt the stream. If the client does not take it, no close frame can be sent.
+    let stream_whole = match splicer.as_mut() {
+        Some(splicer) if splicer.frame_open() => {
+            matches!(
+                tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, splicer.finish_frame()).await,
+                Ok(Ok(()))
+            )
+        }
+        _ => true,
+    };
+    if stream_whole {
+        finish(&mut sink, &mut stream, end).await;
+    }
     // Bounded: a WebSocket backend that stopped reading would otherwise hold the session (and
     // its slots and gauges) forever while its close waits to flush.
     let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, backend_write.shutdown()).await;
@@ -246,25 +280,70 @@ where
     }
 }
 
-/// Send one message, giving up when the client accepts nothing for `stall` (a dead or stalled
-/// reader) or when the control channel closes the session meanwhile.
-async fn send_or_stall<S>(
-    sink: &mut SplitSink<WebSocketStream<S>, Message>,
-    msg: Message,
+/// One backend chunk between its read and its write to the client.
+enum Chunk {
+    /// Read into user space; sent through tungstenite.
+    Copied(Bytes),
+    /// This many bytes wait in the splicer's pipe.
+    Piped(usize),
+}
+
+impl Chunk {
+    fn len(&self) -> usize {
+        match self {
+            Chunk::Copied(data) => data.len(),
+            Chunk::Piped(n) => *n,
+        }
+    }
+}
+
+/// The next backend chunk: spliced while the backend streams in bulk and the client socket
+/// allows it, read into `buf` otherwise.
+async fn next_chunk<R: BackendRead>(
+    backend: &mut R,
+    buf: &mut BytesMut,
+    splicer: Option<&mut Splicer>,
+) -> io::Result<Option<Chunk>> {
+    if let (Some(splicer), Some(tcp)) = (splicer, backend.as_tcp()) {
+        if tcp.is_bulk() {
+            match splicer.fill(tcp.socket()).await {
+                Ok(Some(n)) => {
+                    tcp.adapt(n);
+                    return Ok(Some(Chunk::Piped(n)));
+                }
+                Ok(None) => return Ok(None),
+                Err(e) if splice::is_unsupported_marker(&e) => {}
+                Err(e) => return Err(e),
+            }
+        } else {
+            splicer.release_pipe();
+        }
+    }
+    Ok(backend.read_chunk(buf).await?.map(Chunk::Copied))
+}
+
+/// Run one send to the client, giving up when the client accepts nothing for `stall` (a dead
+/// or stalled reader) or when the control channel closes the session meanwhile.
+async fn within_stall<F, E>(
+    send: F,
     stall: Duration,
     control: &mut watch::Receiver<Option<CloseCode>>,
 ) -> Result<(), EndReason>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    F: Future<Output = Result<(), E>>,
 {
+    let mut send = pin!(send);
+    // Most sends complete on their first poll (the socket has room). Only a send that has to
+    // wait gets a timer: a timer per message was a wheel insert and removal on every frame.
+    if let Poll::Ready(sent) = poll_fn(|cx| Poll::Ready(send.as_mut().poll(cx))).await {
+        return sent.map_err(|_| EndReason::Client(CloseCode::Abnormal));
+    }
     let deadline = tokio::time::sleep(stall);
     tokio::pin!(deadline);
-    let send = sink.send(msg);
-    tokio::pin!(send);
     loop {
         tokio::select! {
+            biased;
             sent = &mut send => return sent.map_err(|_| EndReason::Client(CloseCode::Abnormal)),
-            _ = &mut deadline => return Err(EndReason::Client(CloseCode::Abnormal)),
             changed = control.changed() => {
                 if let Some(code) = *control.borrow() {
                     return Err(EndReason::Gateway(code));
@@ -273,6 +352,7 @@ where
                     return Err(EndReason::Gateway(CloseCode::GoingAway));
                 }
             }
+            _ = &mut deadline => return Err(EndReason::Client(CloseCode::Abnormal)),
         }
     }
 }

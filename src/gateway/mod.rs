@@ -95,7 +95,9 @@ impl HttpServerApp for App {
         mut session: ServerSession,
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
-        if !respond::read_request(&mut session, shutdown).await {
+        // Every step but the upgrade is boxed: this future lives as long as the connection
+        // (a whole session), and an inline step would add its own size to every session.
+        if !Box::pin(respond::read_request(&mut session, shutdown)).await {
             return None;
         }
         let gw = &self.0;
@@ -107,29 +109,35 @@ impl HttpServerApp for App {
         let method = session.req_header().method.clone();
         let readable = method == http::Method::GET || method == http::Method::HEAD;
         if readable && path == "/healthz" {
-            return respond::json(
+            return Box::pin(respond::json(
                 session,
                 StatusCode::OK,
                 serde_json::json!({"status": "ok"}),
                 &[],
-            )
+            ))
             .await;
         }
         if readable
             && let Some(root) = &config.web_root
-            && let Some(file) = static_files::load(root, &path).await
+            && let Some(file) = Box::pin(static_files::load(root, &path)).await
         {
-            return respond::send(session, StatusCode::OK, &file.content_type, file.body, &[])
-                .await;
+            return Box::pin(respond::send(
+                session,
+                StatusCode::OK,
+                &file.content_type,
+                file.body,
+                &[],
+            ))
+            .await;
         }
         let refusal = Refusal::new(ErrorCode::NotFound, "no such path");
-        respond::send(
+        Box::pin(respond::send(
             session,
             StatusCode::NOT_FOUND,
             "application/json",
             refusal.body(),
             &[],
-        )
+        ))
         .await
     }
 }

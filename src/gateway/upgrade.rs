@@ -10,6 +10,7 @@ use http::StatusCode;
 use pingora_core::apps::ReusedHttpStream;
 use pingora_core::protocols::http::ServerSession;
 use pingora_http::ResponseHeader;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
@@ -21,8 +22,8 @@ use super::{Gateway, respond};
 use crate::admission::Ticket;
 use crate::auth::mint::now_unix;
 use crate::auth::{Claims, authorize, extract};
-use crate::bridge::CloseCode;
-use crate::bridge::{self, BridgeLimits, Meters, backend};
+use crate::bridge::client::{ClientSocket, Gated, TakeError};
+use crate::bridge::{self, BridgeLimits, CloseCode, Meters, Splicer, backend};
 use crate::config::{BackendConfig, BackendProtocol, OnExpiry};
 use crate::metrics::GaugeGuard;
 use crate::routing::health::BackendSessionGuard;
@@ -30,7 +31,7 @@ use crate::routing::{Pin, Placement};
 use crate::sessions::SessionInfo;
 
 const BACKEND_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const CLIENT_READ_BUFFER: usize = 8 * 1024;
+const CLIENT_READ_BUFFER: usize = 4 * 1024;
 /// Bytes taken along with the 101; a client has no reason to send more before the backend has
 /// spoken, and the bound keeps this loop from copying an arbitrary burst.
 const MAX_EARLY_BYTES: usize = 64 * 1024;
@@ -64,17 +65,29 @@ pub async fn handle(gw: &Arc<Gateway>, session: ServerSession) -> Option<ReusedH
         pool = field::Empty,
         backend = field::Empty,
     );
-    run(gw, session, conn_id, client_addr)
+    // Admission, refusal and the 101 run in their own box: they are over once the session
+    // runs, and inline they (and the HTTP session they hold) would add their size to the
+    // future that every live session keeps for hours.
+    let upgraded = Box::pin(upgrade(gw, session, client_addr).instrument(span.clone())).await?;
+    serve(gw, upgraded, conn_id, client_addr)
         .instrument(span)
-        .await
+        .await;
+    None
 }
 
-async fn run(
+/// A connection switched to WebSocket and admitted to its backend.
+struct Upgraded {
+    stream: pingora_core::protocols::Stream,
+    /// Bytes the client sent right behind its request.
+    early: Vec<u8>,
+    admitted: Admitted,
+}
+
+async fn upgrade(
     gw: &Arc<Gateway>,
     mut session: ServerSession,
-    conn_id: u64,
     client_addr: Option<SocketAddr>,
-) -> Option<ReusedHttpStream> {
+) -> Option<Upgraded> {
     let started = Instant::now();
     let ip = client_addr.map(|a| a.ip());
     match admit(gw, &session, ip).await {
@@ -86,16 +99,16 @@ async fn run(
             gw.metrics
                 .upgrade_duration
                 .observe(started.elapsed().as_secs_f64());
-            let early = match switch_protocols(&mut session, &admitted.handshake).await {
-                Some(early) => early,
-                None => return None,
-            };
+            let early = switch_protocols(&mut session, &admitted.handshake).await?;
             gw.metrics.upgrades_total.with_label_values(&["ok"]).inc();
             let ServerSession::H1(h1) = session else {
                 return None;
             };
-            serve(gw, h1.into_inner(), early, admitted, conn_id, client_addr).await;
-            None
+            Some(Upgraded {
+                stream: h1.into_inner(),
+                early,
+                admitted,
+            })
         }
     }
 }
@@ -307,12 +320,15 @@ async fn switch_protocols(session: &mut ServerSession, handshake: &Handshake) ->
 
 async fn serve(
     gw: &Arc<Gateway>,
-    stream: pingora_core::protocols::Stream,
-    early: Vec<u8>,
-    admitted: Admitted,
+    upgraded: Upgraded,
     conn_id: u64,
     client_addr: Option<SocketAddr>,
 ) {
+    let Upgraded {
+        stream,
+        early,
+        admitted,
+    } = upgraded;
     let config = gw.config();
     let limits = &config.limits;
     let ws_config = WebSocketConfig::default()
@@ -325,9 +341,17 @@ async fn serve(
         // Frames go out as soon as they are written: RFB is latency-bound, and the bridge
         // already sends whole chunks.
         .write_buffer_size(0);
-    let ws =
-        WebSocketStream::from_partially_read(stream, early, Role::Server, Some(ws_config)).await;
-
+    // A plain-TCP client of a TCP backend gets the zero-copy path for bulk frames; TLS and
+    // WebSocket backends copy (their bytes are transformed on the way anyway).
+    let client = match (&admitted.backend, ClientSocket::take(stream)) {
+        (BackendConn::Tcp(_), Ok(socket)) => Client::Spliceable(socket),
+        (_, Ok(socket)) => Client::Plain(socket),
+        (_, Err(TakeError::NotPlainTcp(stream))) => Client::Other(stream),
+        (_, Err(TakeError::Io(e))) => {
+            tracing::warn!(event = "session_failed", error = %e, "could not take over the client socket");
+            return;
+        }
+    };
     // The ticket and backend-session guard are held (by name) until the session ends.
     let Admitted {
         claims,
@@ -375,14 +399,19 @@ async fn serve(
     let outcome = {
         let refresh = keep_pin_alive(gw, &sid, &pin);
         let relay = async {
-            match backend {
-                BackendConn::Tcp(tcp) => {
-                    let (r, w) = backend::tcp(tcp);
-                    bridge::run(ws, r, w, &bridge_limits, &meters, control).await
+            match client {
+                Client::Spliceable(socket) => {
+                    let splicer = Splicer::new(Arc::clone(&socket));
+                    let ws = websocket(Gated(socket), early, ws_config).await;
+                    relay(ws, backend, &bridge_limits, &meters, control, Some(splicer)).await
                 }
-                BackendConn::WebSocket(bws) => {
-                    let (r, w) = backend::websocket(*bws);
-                    bridge::run(ws, r, w, &bridge_limits, &meters, control).await
+                Client::Plain(socket) => {
+                    let ws = websocket(Gated(socket), early, ws_config).await;
+                    relay(ws, backend, &bridge_limits, &meters, control, None).await
+                }
+                Client::Other(stream) => {
+                    let ws = websocket(stream, early, ws_config).await;
+                    relay(ws, backend, &bridge_limits, &meters, control, None).await
                 }
             }
         };
@@ -415,7 +444,7 @@ async fn serve(
         .observe(started.elapsed().as_secs_f64());
     // The pin outlives the session by the idle TTL from now. A store error was already logged
     // and counted by the store; the local cache still holds the pin.
-    let _ = gw.router.refresh_pin(&sid, &pin).await;
+    let _ = Box::pin(gw.router.refresh_pin(&sid, &pin)).await;
     tracing::info!(
         event = "session_ended",
         close_code = code.as_u16(),
@@ -430,6 +459,45 @@ async fn serve(
     );
 }
 
+/// The client's connection after the 101.
+enum Client {
+    /// Plain TCP to a TCP backend: bulk frames can be spliced.
+    Spliceable(Arc<ClientSocket>),
+    Plain(Arc<ClientSocket>),
+    /// TLS: bytes are encrypted in user space.
+    Other(pingora_core::protocols::Stream),
+}
+
+async fn websocket<S>(stream: S, early: Vec<u8>, config: WebSocketConfig) -> WebSocketStream<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    WebSocketStream::from_partially_read(stream, early, Role::Server, Some(config)).await
+}
+
+async fn relay<S>(
+    ws: WebSocketStream<S>,
+    backend: BackendConn,
+    limits: &BridgeLimits,
+    meters: &Meters,
+    control: tokio::sync::watch::Receiver<Option<CloseCode>>,
+    splicer: Option<Splicer>,
+) -> bridge::Outcome
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    match backend {
+        BackendConn::Tcp(tcp) => {
+            let (r, w) = backend::tcp(tcp);
+            bridge::run(ws, r, w, limits, meters, control, splicer).await
+        }
+        BackendConn::WebSocket(bws) => {
+            let (r, w) = backend::websocket(*bws);
+            bridge::run(ws, r, w, limits, meters, control, splicer).await
+        }
+    }
+}
+
 /// Refresh the pin while the session lives, so a session longer than the idle TTL keeps it.
 async fn keep_pin_alive(gw: &Arc<Gateway>, sid: &str, pin: &Pin) -> std::convert::Infallible {
     let ttl = gw.router.idle_ttl();
@@ -437,7 +505,8 @@ async fn keep_pin_alive(gw: &Arc<Gateway>, sid: &str, pin: &Pin) -> std::convert
     tick.tick().await;
     loop {
         tick.tick().await;
-        let _ = gw.router.refresh_pin(sid, pin).await;
+        // Boxed: inline, the store call's state would enlarge every live session's future.
+        let _ = Box::pin(gw.router.refresh_pin(sid, pin)).await;
     }
 }
 
@@ -457,5 +526,6 @@ fn meters(gw: &Gateway) -> Meters {
             .backpressure_wait_seconds_total
             .with_label_values(&["backend_to_client"]),
         buffered: m.relay_buffered_bytes.clone(),
+        spliced: m.relay_spliced_bytes_total.clone(),
     }
 }
