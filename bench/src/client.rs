@@ -102,6 +102,10 @@ pub enum Scenario {
         /// Keep the sessions this long after reporting (0 = close at once).
         #[arg(long, default_value_t = 0.0)]
         hold_seconds: f64,
+        /// Read memory again this long after the first reading (1 s after the last session
+        /// opened): vncgate returns freed heap pages every 10 s when sessions came or went.
+        #[arg(long, default_value_t = 11.0)]
+        settle_seconds: f64,
         #[arg(long)]
         backend: Option<String>,
     },
@@ -160,7 +164,7 @@ async fn run(args: &ClientArgs) -> Result<Value, String> {
             )
             .await
             .map_err(|e| format!("bulk: {e}"))?;
-            json!({"scenario": "bulk", "url": redact(url), "sessions": sessions, "seconds": seconds, "result": r})
+            json!({"scenario": format!("bulk-{sessions}"), "url": redact(url), "sessions": sessions, "seconds": seconds, "result": r})
         }
         Scenario::Latency {
             url,
@@ -207,6 +211,7 @@ async fn run(args: &ClientArgs) -> Result<Value, String> {
             sessions,
             connect_concurrency,
             hold_seconds,
+            settle_seconds,
             backend,
         } => {
             let target = Target::parse(url)?;
@@ -214,9 +219,12 @@ async fn run(args: &ClientArgs) -> Result<Value, String> {
                 &target,
                 minter.clone(),
                 backend.clone(),
-                *sessions,
-                *connect_concurrency,
-                *hold_seconds,
+                IdleShape {
+                    sessions: *sessions,
+                    connect_concurrency: *connect_concurrency,
+                    hold_seconds: *hold_seconds,
+                    settle_seconds: *settle_seconds,
+                },
                 &watch,
             )
             .await?;
@@ -583,15 +591,26 @@ async fn upgrades(
     }))
 }
 
+struct IdleShape {
+    sessions: usize,
+    connect_concurrency: usize,
+    hold_seconds: f64,
+    settle_seconds: f64,
+}
+
 async fn idle(
     target: &Target,
     minter: Option<Arc<Minter>>,
     backend: Option<String>,
-    sessions: usize,
-    connect_concurrency: usize,
-    hold_seconds: f64,
+    shape: IdleShape,
     watch: &Watch,
 ) -> Result<Value, String> {
+    let IdleShape {
+        sessions,
+        connect_concurrency,
+        hold_seconds,
+        settle_seconds,
+    } = shape;
     let baseline: Vec<(String, procinfo::Sample)> = watch
         .targets()
         .map(|(name, pid)| (name.clone(), procinfo::sample(*pid, true)))
@@ -659,11 +678,17 @@ async fn idle(
         let _ = tokio::time::timeout(Duration::from_millis(200), progress.notified()).await;
     }
     let setup_secs = t0.elapsed().as_secs_f64();
-    // Let the gateway finish whatever follows a session start before reading its memory.
+    // Let the gateway finish whatever follows a session start before reading its memory; then
+    // read it again once it settled, the figure of a gateway holding idle sessions a while.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let n = established.load(Ordering::Relaxed);
+    let early: Vec<procinfo::Sample> = watch
+        .targets()
+        .map(|(_, pid)| procinfo::sample(*pid, true))
+        .collect();
+    tokio::time::sleep(Duration::from_secs_f64(settle_seconds)).await;
     let mut procs = serde_json::Map::new();
-    for ((name, pid), (_, base)) in watch.targets().zip(&baseline) {
+    for (((name, pid), (_, base)), early) in watch.targets().zip(&baseline).zip(&early) {
         let now = procinfo::sample(*pid, true);
         let per = |x: u64| round(x as f64 / n.max(1) as f64, 2);
         procs.insert(
@@ -679,6 +704,7 @@ async fn idle(
                 "pss_per_session_kib": per(now.pss_kib),
                 "delta_rss_per_session_kib": per(now.rss_kib.saturating_sub(base.rss_kib)),
                 "delta_pss_per_session_kib": per(now.pss_kib.saturating_sub(base.pss_kib)),
+                "rss_1s_per_session_kib": per(early.rss_kib),
             }),
         );
     }

@@ -27,14 +27,19 @@ struct Figure {
 
 const FIGURES: &[Figure] = &[
     Figure {
-        scenario: "bulk",
+        scenario: "bulk-1",
         pointer: "/result/mb_per_s",
-        name: "bulk: MB/s, all sessions",
+        name: "bulk, 1 session: MB/s",
     },
     Figure {
-        scenario: "bulk",
+        scenario: "bulk-8",
+        pointer: "/result/mb_per_s",
+        name: "bulk, 8 sessions: MB/s, all sessions",
+    },
+    Figure {
+        scenario: "bulk-8",
         pointer: "/result/per_session_mb_per_s/median",
-        name: "bulk: MB/s per session (median session)",
+        name: "bulk, 8 sessions: MB/s per session (median session)",
     },
     Figure {
         scenario: "latency",
@@ -69,7 +74,12 @@ const FIGURES: &[Figure] = &[
     Figure {
         scenario: "idle",
         pointer: "/result/procs/gateway/rss_per_session_kib",
-        name: "idle: RSS / sessions, KiB",
+        name: "idle: RSS / sessions, KiB (12 s after the last opened)",
+    },
+    Figure {
+        scenario: "idle",
+        pointer: "/result/procs/gateway/rss_1s_per_session_kib",
+        name: "idle: RSS / sessions, KiB (1 s after the last opened)",
     },
     Figure {
         scenario: "idle",
@@ -227,8 +237,8 @@ struct Target {
 
 const TARGETS: &[Target] = &[
     Target {
-        what: "bulk throughput vs websockify",
-        scenario: "bulk",
+        what: "bulk, 1 session, vs websockify",
+        scenario: "bulk-1",
         pointer: "/result/mb_per_s",
         a: "vncgate",
         b: "websockify",
@@ -236,8 +246,26 @@ const TARGETS: &[Target] = &[
         bound: 2.0,
     },
     Target {
-        what: "bulk throughput vs direct TCP",
-        scenario: "bulk",
+        what: "bulk, 1 session, vs direct TCP",
+        scenario: "bulk-1",
+        pointer: "/result/mb_per_s",
+        a: "vncgate",
+        b: "direct",
+        kind: Kind::Ratio,
+        bound: 0.55,
+    },
+    Target {
+        what: "bulk, 8 sessions, vs websockify",
+        scenario: "bulk-8",
+        pointer: "/result/mb_per_s",
+        a: "vncgate",
+        b: "websockify",
+        kind: Kind::Ratio,
+        bound: 2.0,
+    },
+    Target {
+        what: "bulk, 8 sessions, vs direct TCP",
+        scenario: "bulk-8",
         pointer: "/result/mb_per_s",
         a: "vncgate",
         b: "direct",
@@ -441,7 +469,7 @@ fn check(runs: &Runs) -> Vec<String> {
                     }
                 }
                 let measured = match scenario.as_str() {
-                    "bulk" => num("/result/mb_per_s"),
+                    s if s.starts_with("bulk-") => num("/result/mb_per_s"),
                     "latency" => num("/result/count"),
                     "upgrades" => num("/result/ok"),
                     "idle" => num("/result/established"),
