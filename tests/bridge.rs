@@ -23,6 +23,43 @@ async fn gateway_for(backend: &RfbServer) -> Gateway {
     .await
 }
 
+/// A gateway whose listener speaks TLS with a certificate made by the test for 127.0.0.1.
+struct TlsGateway {
+    gw: Gateway,
+    ca: Vec<u8>,
+    _files: tempfile::TempDir,
+}
+
+impl TlsGateway {
+    async fn start(backend: &RfbServer) -> TlsGateway {
+        let certified =
+            rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
+                .expect("cert");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::write(&cert, certified.cert.pem()).expect("cert");
+        std::fs::write(&key, certified.signing_key.serialize_pem()).expect("key");
+        let mut cfg = GatewayConfig::new(vec![BackendSpec::rfb("desk", backend.addr)]);
+        cfg.tls = Some((cert, key));
+        TlsGateway {
+            gw: Gateway::start(cfg).await,
+            ca: certified.cert.der().to_vec(),
+            _files: dir,
+        }
+    }
+
+    /// A wss:// client for user `sub` that trusts the test's certificate.
+    fn client(&self, sub: &str) -> WsConnect {
+        let mut c = WsConnect::new(format!(
+            "wss://127.0.0.1:{}/websockify?token={}",
+            self.gw.port,
+            token(sub, None)
+        ));
+        c.tls = Some(rfb_client::tls_client_config(&self.ca));
+        c
+    }
+}
+
 async fn open(gw: &Gateway, sub: &str) -> rfb_client::WsClient {
     let c = WsConnect::new(gw.ws_url(&format!("?token={}", token(sub, None))));
     rfb_client::connect(&c).await.expect("upgrade").0
@@ -132,21 +169,11 @@ async fn bulk_over_wss_is_copied_and_arrives_intact() {
     let backend = RfbServer::start(Mode::Flood { total })
         .await
         .expect("fixture");
-    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).expect("cert");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert, certified.cert.pem()).expect("cert");
-    std::fs::write(&key, certified.signing_key.serialize_pem()).expect("key");
-    let mut cfg = GatewayConfig::new(vec![BackendSpec::rfb("desk", backend.addr)]);
-    cfg.tls = Some((cert, key));
-    let gw = Gateway::start(cfg).await;
-    let mut c = WsConnect::new(format!(
-        "wss://127.0.0.1:{}/websockify?token={}",
-        gw.port,
-        token("tls-bulk", None)
-    ));
-    c.tls = Some(rfb_client::tls_client_config(certified.cert.der()));
-    let (ws, _) = rfb_client::connect(&c).await.expect("wss upgrade");
+    let tls = TlsGateway::start(&backend).await;
+    let gw = &tls.gw;
+    let (ws, _) = rfb_client::connect(&tls.client("tls-bulk"))
+        .await
+        .expect("wss upgrade");
     let (_tx, mut rx) = ws.split();
     assert_eq!(
         rfb_client::recv_exact_and_hash(&mut rx, total)
@@ -334,24 +361,10 @@ async fn wss_with_a_certificate_made_by_the_test() {
     })
     .await
     .expect("fixture");
-    let certified =
-        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])
-            .expect("cert");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
-    std::fs::write(&cert, certified.cert.pem()).expect("cert");
-    std::fs::write(&key, certified.signing_key.serialize_pem()).expect("key");
-    let mut cfg = GatewayConfig::new(vec![BackendSpec::rfb("desk", backend.addr)]);
-    cfg.tls = Some((cert, key));
-    let gw = Gateway::start(cfg).await;
-
-    let mut c = WsConnect::new(format!(
-        "wss://127.0.0.1:{}/websockify?token={}",
-        gw.port,
-        token("tls", None)
-    ));
-    c.tls = Some(rfb_client::tls_client_config(certified.cert.der()));
-    let (mut ws, _) = rfb_client::connect(&c).await.expect("wss upgrade");
+    let tls = TlsGateway::start(&backend).await;
+    let (mut ws, _) = rfb_client::connect(&tls.client("tls"))
+        .await
+        .expect("wss upgrade");
     assert!(ws.get_ref().is_tls());
     assert_eq!(
         ws.get_ref().alpn_protocol().as_deref(),
