@@ -13,9 +13,11 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 
-/// How much one backend read may take. 64 KiB matches the kernel's usual TCP window growth steps
-/// and keeps a framebuffer update in a few WebSocket frames; it is also the per-direction bound
-/// on bytes held inside the gateway (the buffer is only refilled after its bytes were sent).
+/// How much one backend read into user space may take. 64 KiB matches the kernel's usual TCP
+/// window growth steps and keeps a framebuffer update in a few WebSocket frames; it is also the
+/// bound on bytes the gateway holds per direction on the copying path (the buffer is only
+/// refilled after its bytes were sent). Spliced chunks are bounded by
+/// [`super::fairness::MAX_CHUNK`] instead.
 pub const READ_CHUNK: usize = 64 * 1024;
 
 pub trait BackendRead: Send {

@@ -11,7 +11,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 
 use futures_util::task::AtomicWaker;
@@ -25,6 +25,8 @@ pub struct ClientSocket {
     frame_open: AtomicBool,
     /// The tungstenite write that found the gate closed.
     waiting: AtomicWaker,
+    /// Bytes the splice writer has put on the socket: progress, for the stall deadline.
+    spliced: AtomicU64,
 }
 
 impl ClientSocket {
@@ -51,6 +53,7 @@ impl ClientSocket {
             tcp,
             frame_open: AtomicBool::new(false),
             waiting: AtomicWaker::new(),
+            spliced: AtomicU64::new(0),
         }))
     }
 
@@ -71,6 +74,15 @@ impl ClientSocket {
     pub(super) fn close_frame(&self) {
         self.frame_open.store(false, Ordering::Release);
         self.waiting.wake();
+    }
+
+    pub(super) fn add_progress(&self, n: usize) {
+        self.spliced.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Grows whenever the client's socket accepts spliced bytes.
+    pub fn progress(&self) -> u64 {
+        self.spliced.load(Ordering::Relaxed)
     }
 
     pub(super) fn is_frame_open(&self) -> bool {

@@ -71,6 +71,12 @@ impl Share {
         }
     }
 
+    /// The stream is about to wait for its backend: while it waits it competes for no worker,
+    /// and a desktop that went quiet after a large update must not count as bulk for hours.
+    pub fn pause(&mut self) {
+        self.uncount();
+    }
+
     fn uncount(&mut self) {
         if self.counted {
             self.counted = false;

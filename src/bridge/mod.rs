@@ -19,6 +19,7 @@ pub mod splice;
 use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::Poll;
 use std::time::{Duration, Instant};
@@ -34,6 +35,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 pub use backend::{BackendRead, BackendWrite};
+use client::ClientSocket;
 pub use close::{CloseCode, EndReason};
 use fairness::Share;
 pub use splice::Splicer;
@@ -175,6 +177,9 @@ where
     let backend_to_client = async {
         let mut buf = BytesMut::new();
         let mut share = Share::new();
+        // The client socket whose spliced bytes show a long send's progress.
+        let progress = splicer.as_ref().map(|s| Arc::clone(s.client()));
+        let mut moved_since_tick = false;
         let mut ping = tokio::time::interval(limits.ping_interval);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ping.tick().await; // the first tick is immediate; the first ping goes one interval in
@@ -183,7 +188,8 @@ where
         tokio::pin!(idle_timer);
         loop {
             tokio::select! {
-                read = next_chunk(&mut backend_read, &mut buf, splicer.as_mut()) => {
+                read = next_chunk(&mut backend_read, &mut buf, splicer.as_mut(), &mut share) => {
+                    moved_since_tick = true;
                     let chunk = match read {
                         Ok(Some(chunk)) => chunk,
                         Ok(None) => return EndReason::Gateway(CloseCode::Normal),
@@ -195,7 +201,7 @@ where
                     let started = Instant::now();
                     let sent = match (chunk, splicer.as_mut()) {
                         (Chunk::Copied(data), _) => {
-                            within_stall(sink.send(Message::Binary(data)), dead_after, &mut control).await
+                            within_stall(sink.send(Message::Binary(data)), dead_after, &mut control, None).await
                         }
                         (Chunk::Piped(n), Some(splicer)) => {
                             // tungstenite may hold the rest of a pong it began; it must go out
@@ -204,7 +210,7 @@ where
                                 sink.flush().await.map_err(io::Error::other)?;
                                 splicer.send_frame(n).await
                             };
-                            within_stall(frame, dead_after, &mut control).await
+                            within_stall(frame, dead_after, &mut control, progress.as_deref()).await
                         }
                         (Chunk::Piped(_), None) => Err(EndReason::Gateway(CloseCode::Internal)),
                     };
@@ -221,11 +227,16 @@ where
                     share.after_chunk(n).await;
                 }
                 _ = ping.tick() => {
+                    // Quiet for a whole interval: the pipe's two descriptors go back.
+                    if !moved_since_tick && let Some(splicer) = splicer.as_mut() {
+                        splicer.release_pipe();
+                    }
+                    moved_since_tick = false;
                     let silent = clock.now_ms().saturating_sub(last_seen.load(Ordering::Relaxed));
                     if Duration::from_millis(silent) > dead_after && !writing_backend.load(Ordering::Relaxed) {
                         return EndReason::Client(CloseCode::Abnormal);
                     }
-                    if let Err(end) = within_stall(sink.send(Message::Ping(Bytes::new())), dead_after, &mut control).await {
+                    if let Err(end) = within_stall(sink.send(Message::Ping(Bytes::new())), dead_after, &mut control, None).await {
                         return end;
                     }
                 }
@@ -298,8 +309,23 @@ impl Chunk {
 }
 
 /// The next backend chunk: spliced while the backend streams in bulk and the client socket
-/// allows it, read into `buf` otherwise.
+/// allows it, read into `buf` otherwise. A stream that has to wait for its backend leaves the
+/// bulk count while it waits.
 async fn next_chunk<R: BackendRead>(
+    backend: &mut R,
+    buf: &mut BytesMut,
+    splicer: Option<&mut Splicer>,
+    share: &mut Share,
+) -> io::Result<Option<Chunk>> {
+    let mut read = pin!(read_chunk(backend, buf, splicer));
+    if let Poll::Ready(chunk) = poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await {
+        return chunk;
+    }
+    share.pause();
+    read.await
+}
+
+async fn read_chunk<R: BackendRead>(
     backend: &mut R,
     buf: &mut BytesMut,
     splicer: Option<&mut Splicer>,
@@ -323,11 +349,14 @@ async fn next_chunk<R: BackendRead>(
 }
 
 /// Run one send to the client, giving up when the client accepts nothing for `stall` (a dead
-/// or stalled reader) or when the control channel closes the session meanwhile.
+/// or stalled reader) or when the control channel closes the session meanwhile. `progress`
+/// grows while a long send advances (a spliced frame of up to 1 MiB to a slow client): the
+/// deadline counts from the last progress, not from the start.
 async fn within_stall<F, E>(
     send: F,
     stall: Duration,
     control: &mut watch::Receiver<Option<CloseCode>>,
+    progress: Option<&ClientSocket>,
 ) -> Result<(), EndReason>
 where
     F: Future<Output = Result<(), E>>,
@@ -338,6 +367,8 @@ where
     if let Poll::Ready(sent) = poll_fn(|cx| Poll::Ready(send.as_mut().poll(cx))).await {
         return sent.map_err(|_| EndReason::Client(CloseCode::Abnormal));
     }
+    let progressed = || progress.map_or(0, ClientSocket::progress);
+    let mut seen = progressed();
     let deadline = tokio::time::sleep(stall);
     tokio::pin!(deadline);
     loop {
@@ -352,7 +383,14 @@ where
                     return Err(EndReason::Gateway(CloseCode::GoingAway));
                 }
             }
-            _ = &mut deadline => return Err(EndReason::Client(CloseCode::Abnormal)),
+            _ = &mut deadline => {
+                let now = progressed();
+                if now == seen {
+                    return Err(EndReason::Client(CloseCode::Abnormal));
+                }
+                seen = now;
+                deadline.as_mut().reset(tokio::time::Instant::now() + stall);
+            }
         }
     }
 }

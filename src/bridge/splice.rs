@@ -48,6 +48,10 @@ struct Pipe {
 }
 
 impl Splicer {
+    pub fn client(&self) -> &Arc<ClientSocket> {
+        &self.client
+    }
+
     pub fn new(client: Arc<ClientSocket>) -> Self {
         Splicer {
             client,
@@ -150,7 +154,10 @@ impl Splicer {
                 .map_err(io::Error::from)
             });
             match sent {
-                Ok(k) => self.header_sent += k,
+                Ok(k) => {
+                    self.header_sent += k;
+                    self.client.add_progress(k);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
             }
@@ -160,6 +167,8 @@ impl Splicer {
                 return Err(io::Error::other("pipe gone with a frame open"));
             };
             tcp.writable().await?;
+            // A client gone away makes this EPIPE and raises SIGPIPE (splice into a socket
+            // takes no MSG_NOSIGNAL); Rust's runtime ignores SIGPIPE, so only the error remains.
             let moved = tcp.try_io(Interest::WRITABLE, || {
                 splice(
                     pipe.read.as_fd(),
@@ -173,7 +182,10 @@ impl Splicer {
             });
             match moved {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(k) => self.payload_left -= k,
+                Ok(k) => {
+                    self.payload_left -= k;
+                    self.client.add_progress(k);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
             }
@@ -190,13 +202,15 @@ impl Pipe {
     /// `fs.pipe-user-pages-soft` the kernel refuses the size and the default stays.
     fn new(want: usize) -> io::Result<Self> {
         let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
-        let mut capacity = DEFAULT_PIPE_BYTES;
         if want > DEFAULT_PIPE_BYTES {
             let want = i32::try_from(want.next_power_of_two()).unwrap_or(i32::MAX);
-            if let Ok(granted) = fcntl(&write, FcntlArg::F_SETPIPE_SZ(want)) {
-                capacity = usize::try_from(granted).unwrap_or(DEFAULT_PIPE_BYTES);
-            }
+            let _ = fcntl(&write, FcntlArg::F_SETPIPE_SZ(want));
         }
+        // What the kernel granted: over a user's soft limit even a new pipe gets fewer slots.
+        let capacity = fcntl(&write, FcntlArg::F_GETPIPE_SZ)
+            .ok()
+            .and_then(|n| usize::try_from(n).ok())
+            .unwrap_or(PAGE_BYTES);
         Ok(Pipe {
             read,
             write,
@@ -207,6 +221,8 @@ impl Pipe {
 
 /// Linux's default pipe size (16 pages).
 const DEFAULT_PIPE_BYTES: usize = 64 * 1024;
+/// The least a pipe holds.
+const PAGE_BYTES: usize = 4 * 1024;
 
 /// A binary frame header, FIN set, unmasked (server to client), for `len` payload bytes.
 fn encode_header(out: &mut [u8; 10], len: usize) -> usize {

@@ -348,7 +348,13 @@ async fn serve(
         (_, Ok(socket)) => Client::Plain(socket),
         (_, Err(TakeError::NotPlainTcp(stream))) => Client::Other(stream),
         (_, Err(TakeError::Io(e))) => {
+            // After the 101, so the upgrade counted as ok: count the end too (1011, as a
+            // client sees a connection dropped by the gateway).
             tracing::warn!(event = "session_failed", error = %e, "could not take over the client socket");
+            gw.metrics
+                .disconnects_total
+                .with_label_values(&[&CloseCode::Internal.as_u16().to_string()])
+                .inc();
             return;
         }
     };
