@@ -22,13 +22,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use common::log_tail::LogTail;
 use common::redis_server::RedisServer;
 use common::rfb_client::{self, WsConnect};
 use common::xvnc::Xvnc;
 use common::{ADMIN_TOKEN, EVENT_TIMEOUT, SECRET, free_port, now, token_with_claims};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader as AsyncBufReader};
-use tokio::sync::{Notify, RwLock, oneshot};
+use tokio::sync::{RwLock, oneshot};
 
 /// How long the page-side waits may take (a guard against a hung test, not a timing assertion).
 const PAGE_WAIT_MS: u64 = 30_000;
@@ -446,10 +446,7 @@ impl<'a> GwSpec<'a> {
 /// One running `vncgate` process and the log lines it wrote.
 struct GwProc {
     child: tokio::process::Child,
-    logs: Arc<Mutex<Vec<Value>>>,
-    raw: Arc<Mutex<Vec<String>>>,
-    logged: Arc<Notify>,
-    exited: Arc<AtomicBool>,
+    logs: LogTail,
 }
 
 struct Gw {
@@ -575,43 +572,11 @@ impl Gw {
     }
 
     async fn wait_logs(&self, n: usize, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
-        let p = &self.proc;
-        let wait = async {
-            loop {
-                let notified = p.logged.notified();
-                tokio::pin!(notified);
-                notified.as_mut().enable();
-                let found: Vec<Value> = p
-                    .logs
-                    .lock()
-                    .expect("logs")
-                    .iter()
-                    .filter(|v| pred(v))
-                    .cloned()
-                    .collect();
-                if found.len() >= n {
-                    return Ok(found);
-                }
-                if p.exited.load(Ordering::SeqCst) {
-                    return Err("the gateway exited");
-                }
-                notified.await;
-            }
-        };
-        let why = match tokio::time::timeout(EVENT_TIMEOUT, wait).await {
-            Ok(Ok(v)) => return v,
-            Ok(Err(why)) => why,
-            Err(_) => "timeout",
-        };
-        panic!(
-            "{}: log event did not arrive ({why}); logs:\n{}",
-            self.label,
-            p.raw.lock().expect("raw").join("\n")
-        )
+        self.proc.logs.wait_logs(n, pred).await
     }
 
     fn logs(&self) -> Vec<Value> {
-        self.proc.logs.lock().expect("logs").clone()
+        self.proc.logs.logs()
     }
 
     async fn admin(&self, method: &str, path: &str, body: &str) -> (u16, String) {
@@ -643,41 +608,8 @@ impl GwProc {
             .spawn()
             .expect("spawn vncgate");
         let stderr = child.stderr.take().expect("stderr");
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let raw = Arc::new(Mutex::new(Vec::new()));
-        let logged = Arc::new(Notify::new());
-        let exited = Arc::new(AtomicBool::new(false));
-        {
-            let (logs, raw, logged, exited) = (
-                Arc::clone(&logs),
-                Arc::clone(&raw),
-                Arc::clone(&logged),
-                Arc::clone(&exited),
-            );
-            let label = label.to_owned();
-            tokio::spawn(async move {
-                let mut lines = AsyncBufReader::new(stderr).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    if std::env::var_os("VNCGATE_TEST_ECHO").is_some() {
-                        eprintln!("[{label}] {line}");
-                    }
-                    if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                        logs.lock().expect("logs").push(v);
-                    }
-                    raw.lock().expect("raw").push(line);
-                    logged.notify_waiters();
-                }
-                exited.store(true, Ordering::SeqCst);
-                logged.notify_waiters();
-            });
-        }
-        GwProc {
-            child,
-            logs,
-            raw,
-            logged,
-            exited,
-        }
+        let logs = LogTail::capture(label, stderr);
+        GwProc { child, logs }
     }
 }
 

@@ -57,7 +57,7 @@ impl Share {
     /// Record a forwarded chunk of `n` bytes, then give the worker back if others may wait.
     pub async fn after_chunk(&mut self, n: usize) {
         if n < BULK_BYTES {
-            self.uncount();
+            self.pause();
             return;
         }
         if !self.counted {
@@ -71,13 +71,10 @@ impl Share {
         }
     }
 
-    /// The stream is about to wait for its backend: while it waits it competes for no worker,
-    /// and a desktop that went quiet after a large update must not count as bulk for hours.
+    /// Leave the bulk count: the stream turned interactive, or it is about to wait for its
+    /// backend (while it waits it competes for no worker, and a desktop that went quiet after
+    /// a large update must not count as bulk for hours).
     pub fn pause(&mut self) {
-        self.uncount();
-    }
-
-    fn uncount(&mut self) {
         if self.counted {
             self.counted = false;
             BULK_STREAMS.fetch_sub(1, Ordering::Relaxed);
@@ -93,7 +90,7 @@ impl Default for Share {
 
 impl Drop for Share {
     fn drop(&mut self) {
-        self.uncount();
+        self.pause();
     }
 }
 

@@ -18,7 +18,7 @@ pub mod splice;
 
 use std::future::{Future, poll_fn};
 use std::io;
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::Poll;
@@ -38,6 +38,7 @@ pub use backend::{BackendRead, BackendWrite};
 use client::ClientSocket;
 pub use close::{CloseCode, EndReason};
 use fairness::Share;
+use splice::Fill;
 pub use splice::Splicer;
 
 /// How long the closing handshake may take before the connection is simply dropped.
@@ -318,7 +319,7 @@ async fn next_chunk<R: BackendRead>(
     share: &mut Share,
 ) -> io::Result<Option<Chunk>> {
     let mut read = pin!(read_chunk(backend, buf, splicer));
-    if let Poll::Ready(chunk) = poll_fn(|cx| Poll::Ready(read.as_mut().poll(cx))).await {
+    if let Poll::Ready(chunk) = poll_once(read.as_mut()).await {
         return chunk;
     }
     share.pause();
@@ -332,14 +333,13 @@ async fn read_chunk<R: BackendRead>(
 ) -> io::Result<Option<Chunk>> {
     if let (Some(splicer), Some(tcp)) = (splicer, backend.as_tcp()) {
         if tcp.is_bulk() {
-            match splicer.fill(tcp.socket()).await {
-                Ok(Some(n)) => {
+            match splicer.fill(tcp.socket()).await? {
+                Fill::Moved(n) => {
                     tcp.adapt(n);
                     return Ok(Some(Chunk::Piped(n)));
                 }
-                Ok(None) => return Ok(None),
-                Err(e) if splice::is_unsupported_marker(&e) => {}
-                Err(e) => return Err(e),
+                Fill::Closed => return Ok(None),
+                Fill::Unsupported => {}
             }
         } else {
             splicer.release_pipe();
@@ -364,7 +364,7 @@ where
     let mut send = pin!(send);
     // Most sends complete on their first poll (the socket has room). Only a send that has to
     // wait gets a timer: a timer per message was a wheel insert and removal on every frame.
-    if let Poll::Ready(sent) = poll_fn(|cx| Poll::Ready(send.as_mut().poll(cx))).await {
+    if let Poll::Ready(sent) = poll_once(send.as_mut()).await {
         return sent.map_err(|_| EndReason::Client(CloseCode::Abnormal));
     }
     let progressed = || progress.map_or(0, ClientSocket::progress);
@@ -393,6 +393,12 @@ where
             }
         }
     }
+}
+
+/// Poll `fut` once with the task's own context (so a pending future is registered for its
+/// wake-up) and say what it returned.
+async fn poll_once<F: Future>(mut fut: Pin<&mut F>) -> Poll<F::Output> {
+    poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await
 }
 
 fn classify_read_error(e: &WsError) -> EndReason {

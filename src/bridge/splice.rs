@@ -40,6 +40,16 @@ pub struct Splicer {
     payload_left: usize,
 }
 
+/// What one [`Splicer::fill`] did.
+pub enum Fill {
+    /// This many bytes wait in the pipe.
+    Moved(usize),
+    /// The backend closed its side.
+    Closed,
+    /// No splicing for this session (no pipe to be had, or the kernel refuses): copy instead.
+    Unsupported,
+}
+
 struct Pipe {
     read: OwnedFd,
     write: OwnedFd,
@@ -78,24 +88,20 @@ impl Splicer {
     }
 
     /// Move one chunk (at most [`fairness::chunk_cap`]) from the backend socket into the pipe.
-    /// `Ok(None)`: the backend closed its side. An error for which [`is_unsupported_marker`]
-    /// holds means this session must copy instead.
-    pub async fn fill(&mut self, backend: &TcpStream) -> io::Result<Option<usize>> {
+    pub async fn fill(&mut self, backend: &TcpStream) -> io::Result<Fill> {
         if self.unsupported {
-            return Err(unsupported());
+            return Ok(Fill::Unsupported);
         }
         let cap = fairness::chunk_cap();
         if self.pipe.is_none() {
             match Pipe::new(cap) {
                 Ok(pipe) => self.pipe = Some(pipe),
-                Err(_) => {
-                    // Out of descriptors, most likely: copying still works.
-                    return Err(unsupported());
-                }
+                // Out of descriptors, most likely: copying still works.
+                Err(_) => return Ok(Fill::Unsupported),
             }
         }
         let Some(pipe) = &self.pipe else {
-            return Err(unsupported());
+            return Ok(Fill::Unsupported);
         };
         let max = cap.min(pipe.capacity);
         loop {
@@ -112,13 +118,13 @@ impl Splicer {
                 .map_err(io::Error::from)
             });
             match moved {
-                Ok(0) => return Ok(None),
-                Ok(n) => return Ok(Some(n)),
+                Ok(0) => return Ok(Fill::Closed),
+                Ok(n) => return Ok(Fill::Moved(n)),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) if is_unsupported(&e) => {
                     self.unsupported = true;
                     self.pipe = None;
-                    return Err(unsupported());
+                    return Ok(Fill::Unsupported);
                 }
                 Err(e) => return Err(e),
             }
@@ -239,15 +245,6 @@ fn encode_header(out: &mut [u8; 10], len: usize) -> usize {
         out[2..10].copy_from_slice(&(len as u64).to_be_bytes());
         10
     }
-}
-
-/// The marker error of [`Splicer::fill`] that sends the caller to the copying path.
-fn unsupported() -> io::Error {
-    io::Error::new(io::ErrorKind::Unsupported, "splice unavailable")
-}
-
-pub fn is_unsupported_marker(e: &io::Error) -> bool {
-    e.kind() == io::ErrorKind::Unsupported
 }
 
 /// What the kernel answers when these descriptors cannot be spliced (an old kernel, a sandbox

@@ -343,11 +343,15 @@ async fn serve(
         .write_buffer_size(0);
     // A plain-TCP client of a TCP backend gets the zero-copy path for bulk frames; TLS and
     // WebSocket backends copy (their bytes are transformed on the way anyway).
-    let client = match (&admitted.backend, ClientSocket::take(stream)) {
-        (BackendConn::Tcp(_), Ok(socket)) => Client::Spliceable(socket),
-        (_, Ok(socket)) => Client::Plain(socket),
-        (_, Err(TakeError::NotPlainTcp(stream))) => Client::Other(stream),
-        (_, Err(TakeError::Io(e))) => {
+    let taken = match admitted.backend {
+        BackendConn::Tcp(_) => ClientSocket::take(stream),
+        BackendConn::WebSocket(_) => Err(TakeError::NotPlainTcp(stream)),
+    };
+    let client = match taken {
+        Ok(socket) => Client::Spliceable(socket),
+        // Handed back untouched: TLS, or a backend whose frames are re-framed anyway.
+        Err(TakeError::NotPlainTcp(stream)) => Client::Copying(stream),
+        Err(TakeError::Io(e)) => {
             // After the 101, so the upgrade counted as ok: count the end too (1011, as a
             // client sees a connection dropped by the gateway).
             tracing::warn!(event = "session_failed", error = %e, "could not take over the client socket");
@@ -411,11 +415,7 @@ async fn serve(
                     let ws = websocket(Gated(socket), early, ws_config).await;
                     relay(ws, backend, &bridge_limits, &meters, control, Some(splicer)).await
                 }
-                Client::Plain(socket) => {
-                    let ws = websocket(Gated(socket), early, ws_config).await;
-                    relay(ws, backend, &bridge_limits, &meters, control, None).await
-                }
-                Client::Other(stream) => {
+                Client::Copying(stream) => {
                     let ws = websocket(stream, early, ws_config).await;
                     relay(ws, backend, &bridge_limits, &meters, control, None).await
                 }
@@ -469,9 +469,9 @@ async fn serve(
 enum Client {
     /// Plain TCP to a TCP backend: bulk frames can be spliced.
     Spliceable(Arc<ClientSocket>),
-    Plain(Arc<ClientSocket>),
-    /// TLS: bytes are encrypted in user space.
-    Other(pingora_core::protocols::Stream),
+    /// TLS (bytes are encrypted in user space) or a WebSocket backend (frames are re-framed):
+    /// Pingora's stream, through tungstenite.
+    Copying(pingora_core::protocols::Stream),
 }
 
 async fn websocket<S>(stream: S, early: Vec<u8>, config: WebSocketConfig) -> WebSocketStream<S>

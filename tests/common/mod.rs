@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod jwks_server;
+pub mod log_tail;
 pub mod redis_server;
 pub mod rfb_client;
 pub mod rfb_server;
@@ -12,13 +13,12 @@ pub mod xvnc;
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
+
 use tokio::process::{Child, Command};
-use tokio::sync::Notify;
 
 pub const SECRET: &str = "test-secret-0123456789-0123456789-abcdef";
 pub const ADMIN_TOKEN: &str = "test-admin-token";
@@ -119,9 +119,7 @@ pub struct Gateway {
     pub dir: Option<tempfile::TempDir>,
     pub config_path: PathBuf,
     redis_url: Option<String>,
-    logs: Arc<Mutex<Vec<Value>>>,
-    raw_logs: Arc<Mutex<Vec<String>>>,
-    logged: Arc<Notify>,
+    logs: log_tail::LogTail,
 }
 
 impl Gateway {
@@ -216,26 +214,7 @@ impl Gateway {
             .spawn()
             .expect("spawn vncgate");
         let stderr = child.stderr.take().expect("stderr");
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let raw_logs = Arc::new(Mutex::new(Vec::new()));
-        let logged = Arc::new(Notify::new());
-        {
-            let (logs, raw_logs, logged) = (logs.clone(), raw_logs.clone(), logged.clone());
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(stderr).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    if std::env::var_os("VNCGATE_TEST_ECHO").is_some() {
-                        eprintln!("[gateway] {line}");
-                    }
-                    if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                        logs.lock().expect("logs").push(v);
-                    }
-                    raw_logs.lock().expect("raw logs").push(line);
-                    logged.notify_waiters();
-                }
-                logged.notify_waiters();
-            });
-        }
+        let logs = log_tail::LogTail::capture("gateway", stderr);
         Gateway {
             child,
             port,
@@ -244,8 +223,6 @@ impl Gateway {
             config_path: config_path.to_owned(),
             redis_url,
             logs,
-            raw_logs,
-            logged,
         }
     }
 
@@ -274,40 +251,15 @@ impl Gateway {
 
     /// Wait until at least `n` log lines match `pred`; returns them all.
     pub async fn wait_logs(&self, n: usize, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
-        let wait = async {
-            loop {
-                let notified = self.logged.notified();
-                tokio::pin!(notified);
-                notified.as_mut().enable();
-                let found: Vec<Value> = self
-                    .logs
-                    .lock()
-                    .expect("logs")
-                    .iter()
-                    .filter(|v| pred(v))
-                    .cloned()
-                    .collect();
-                if found.len() >= n {
-                    return found;
-                }
-                notified.await;
-            }
-        };
-        match tokio::time::timeout(EVENT_TIMEOUT, wait).await {
-            Ok(v) => v,
-            Err(_) => panic!(
-                "log event did not arrive; logs:\n{}",
-                self.raw_logs().join("\n")
-            ),
-        }
+        self.logs.wait_logs(n, pred).await
     }
 
     pub fn logs(&self) -> Vec<Value> {
-        self.logs.lock().expect("logs").clone()
+        self.logs.logs()
     }
 
     pub fn raw_logs(&self) -> Vec<String> {
-        self.raw_logs.lock().expect("raw logs").clone()
+        self.logs.raw()
     }
 
     pub fn ws_url(&self, query: &str) -> String {
