@@ -26,7 +26,7 @@ use common::log_tail::LogTail;
 use common::redis_server::RedisServer;
 use common::rfb_client::{self, WsConnect};
 use common::xvnc::Xvnc;
-use common::{ADMIN_TOKEN, EVENT_TIMEOUT, SECRET, free_port, now, token_with_claims};
+use common::{ADMIN_TOKEN, EVENT_TIMEOUT, free_port, now, token_with_claims};
 use serde_json::{Value, json};
 use tokio::sync::{RwLock, oneshot};
 
@@ -594,21 +594,7 @@ impl Gw {
 
 impl GwProc {
     fn spawn(label: &str, config: &Path, redis_url: &str) -> GwProc {
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_vncgate"))
-            .args(["run", "--config"])
-            .arg(config)
-            .env("VNCGATE_JWT_SECRET", SECRET)
-            .env("VNCGATE_ADMIN_TOKEN", ADMIN_TOKEN)
-            .env("VNCGATE_REDIS_URL", redis_url)
-            .env_remove("VNCGATE_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn vncgate");
-        let stderr = child.stderr.take().expect("stderr");
-        let logs = LogTail::capture(label, stderr);
+        let (child, logs) = common::spawn_vncgate(label, config, Some(redis_url), &[]);
         GwProc { child, logs }
     }
 }

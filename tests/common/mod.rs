@@ -110,6 +110,31 @@ impl GatewayConfig {
     }
 }
 
+/// Start `vncgate run --config CONFIG` with the tests' secrets, its stderr collected.
+pub fn spawn_vncgate(
+    label: &str,
+    config: &std::path::Path,
+    redis_url: Option<&str>,
+    extra_args: &[&str],
+) -> (Child, log_tail::LogTail) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vncgate"))
+        .args(["run", "--config"])
+        .arg(config)
+        .args(extra_args)
+        .env("VNCGATE_JWT_SECRET", SECRET)
+        .env("VNCGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("VNCGATE_REDIS_URL", redis_url.unwrap_or_default())
+        .env_remove("VNCGATE_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn vncgate");
+    let stderr = child.stderr.take().expect("stderr");
+    (child, log_tail::LogTail::capture(label, stderr))
+}
+
 pub struct Gateway {
     child: Child,
     pub port: u16,
@@ -199,22 +224,7 @@ impl Gateway {
         redis_url: Option<String>,
         extra_args: &[&str],
     ) -> Gateway {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_vncgate"))
-            .args(["run", "--config"])
-            .arg(config_path)
-            .args(extra_args)
-            .env("VNCGATE_JWT_SECRET", SECRET)
-            .env("VNCGATE_ADMIN_TOKEN", ADMIN_TOKEN)
-            .env("VNCGATE_REDIS_URL", redis_url.clone().unwrap_or_default())
-            .env_remove("VNCGATE_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn vncgate");
-        let stderr = child.stderr.take().expect("stderr");
-        let logs = log_tail::LogTail::capture("gateway", stderr);
+        let (child, logs) = spawn_vncgate("gateway", config_path, redis_url.as_deref(), extra_args);
         Gateway {
             child,
             port,
