@@ -66,6 +66,12 @@ pub struct TokenArgs {
     view_only: bool,
     #[arg(long)]
     jti: Option<String>,
+    /// Join a session another user owns: `view` (always view-only) or `control`.
+    #[arg(long, value_enum)]
+    share: Option<crate::auth::claims::Share>,
+    /// Narrow the pool's clipboard policy.
+    #[arg(long, value_enum)]
+    clipboard: Option<crate::auth::claims::ClipboardClaim>,
 }
 
 impl TokenArgs {
@@ -82,6 +88,8 @@ impl TokenArgs {
             backend: self.backend,
             view_only: self.view_only,
             jti: self.jti,
+            share: self.share,
+            clipboard: self.clipboard,
         }
     }
 }

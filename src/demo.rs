@@ -2,6 +2,10 @@
 //! listener, one backend; prints a ready-to-use URL. Without `--backend`, and with TigerVNC's
 //! `Xvnc` installed, it starts a throwaway desktop (with an xterm when available) and stops it on
 //! exit (the children get SIGTERM when vncgate dies, via `PR_SET_PDEATHSIG`).
+//!
+//! The desktop runs with TigerVNC's defaults (VNC password, blacklist on), as a user's would:
+//! the gateway terminates RFB, answers the password itself (the browser never sees it) and
+//! health-checks with authenticated RFB handshakes, so nothing gets it blacklisted.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
@@ -30,15 +34,18 @@ pub struct DemoArgs {
 }
 
 const SECRET_ENV: &str = "VNCGATE_JWT_SECRET";
+const VNC_PASSWORD_ENV: &str = "VNCGATE_DEMO_VNC_PASSWORD";
 
 pub fn run(args: DemoArgs) -> i32 {
     let mut children = Vec::new();
+    let mut vnc_password = None;
     let backend = match args.backend.clone() {
         Some(b) => b,
         None => match start_desktop() {
-            Ok((addr, kids)) => {
-                children = kids;
-                addr
+            Ok(desktop) => {
+                children = desktop.kids;
+                vnc_password = desktop.password;
+                desktop.addr
             }
             Err(why) => {
                 eprintln!(
@@ -56,15 +63,24 @@ pub fn run(args: DemoArgs) -> i32 {
     rand::rng().fill_bytes(&mut secret);
     let secret: String = secret.iter().map(|b| format!("{b:02x}")).collect();
 
-    let yaml = demo_yaml(&args.listen, &backend, web_root.as_deref());
-    let config =
-        match Config::from_yaml(&yaml, &|name| (name == SECRET_ENV).then(|| secret.clone())) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("{e}");
-                return EXIT_USAGE;
-            }
-        };
+    let yaml = demo_yaml(
+        &args.listen,
+        &backend,
+        web_root.as_deref(),
+        vnc_password.is_some(),
+    );
+    let env = |name: &str| match name {
+        SECRET_ENV => Some(secret.clone()),
+        VNC_PASSWORD_ENV => vnc_password.clone(),
+        _ => None,
+    };
+    let config = match Config::from_yaml(&yaml, &env) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return EXIT_USAGE;
+        }
+    };
     let request = TokenRequest {
         sub: "demo".into(),
         sid: Some("demo".into()),
@@ -105,7 +121,20 @@ pub fn run(args: DemoArgs) -> i32 {
     }
 }
 
-fn demo_yaml(listen: &SocketAddr, backend: &str, web_root: Option<&Path>) -> String {
+fn demo_yaml(
+    listen: &SocketAddr,
+    backend: &str,
+    web_root: Option<&Path>,
+    with_password: bool,
+) -> String {
+    // Terminate mode either way: with the demo desktop's password the gateway logs in itself;
+    // against `--backend` without one, a password-protected server's challenge goes to the
+    // browser, which prompts for it.
+    let rfb = if with_password {
+        format!("{{ mode: terminate, password_env: {VNC_PASSWORD_ENV} }}")
+    } else {
+        "{ mode: terminate }".to_owned()
+    };
     let web_root = match web_root {
         Some(p) => serde_json::Value::from(p.display().to_string()).to_string(),
         None => "null".to_owned(),
@@ -121,6 +150,7 @@ auth: {{ algorithms: [HS256], secret_env: {SECRET_ENV} }}
 store: {{ kind: memory }}
 pools:
   default:
+    rfb: {rfb}
     backends: [ {{ name: desktop, addr: {backend} }} ]
 logging: {{ format: pretty, level: info }}
 "#
@@ -162,8 +192,43 @@ fn which(program: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+struct Desktop {
+    addr: String,
+    kids: Vec<Kid>,
+    /// The VNC password the desktop asks for (`None`: security None, when `vncpasswd` is
+    /// missing).
+    password: Option<String>,
+}
+
+/// A VNC password file as TigerVNC reads it, written by TigerVNC's own `vncpasswd -f`.
+fn password_file(password: &str) -> Result<PathBuf, String> {
+    use std::io::Write;
+    let vncpasswd = which("vncpasswd").ok_or("vncpasswd not installed")?;
+    let mut child = Command::new(vncpasswd)
+        .arg("-f")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("vncpasswd: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        writeln!(stdin, "{password}").map_err(|e| format!("vncpasswd: {e}"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("vncpasswd: {e}"))?;
+    if !out.status.success() || out.stdout.is_empty() {
+        return Err("vncpasswd -f failed".into());
+    }
+    let path = std::env::temp_dir().join(format!("vncgate-demo-{}.passwd", std::process::id()));
+    std::fs::write(&path, &out.stdout).map_err(|e| format!("{}: {e}", path.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+    Ok(path)
+}
+
 /// Start `Xvnc` on a free display and port; returns its address and the processes to keep.
-fn start_desktop() -> Result<(String, Vec<Kid>), String> {
+fn start_desktop() -> Result<Desktop, String> {
     let xvnc =
         which("Xvnc").ok_or("Xvnc not installed (apt-get install tigervnc-standalone-server)")?;
     let display = (40..100)
@@ -176,7 +241,12 @@ fn start_desktop() -> Result<(String, Vec<Kid>), String> {
         .and_then(|l| l.local_addr())
         .map_err(|e| e.to_string())?
         .port();
-    let server = spawn_tied(Command::new(xvnc).args([
+    let mut password_bytes = [0u8; 6];
+    rand::rng().fill_bytes(&mut password_bytes);
+    let password: String = password_bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let passwd_file = password_file(&password);
+    let mut cmd = Command::new(xvnc);
+    cmd.args([
         &format!(":{display}"),
         "-geometry",
         "1280x800",
@@ -189,16 +259,16 @@ fn start_desktop() -> Result<(String, Vec<Kid>), String> {
         "-localhost",
         "-nolisten",
         "tcp",
-        "-SecurityTypes",
-        "None",
-        "-AlwaysShared",
-        // TigerVNC blacklists an address after 5 connections that close before
-        // authenticating, which is what the gateway's TCP health checks look like.
-        "-UseBlacklist=0",
         "-desktop",
         "vncgate-demo",
-    ]))
-    .map_err(|e| format!("starting Xvnc: {e}"))?;
+    ]);
+    // TigerVNC's default security types (TLSVnc, VncAuth) with a password; without vncpasswd,
+    // a desktop without one.
+    match &passwd_file {
+        Ok(file) => cmd.arg("-PasswordFile").arg(file),
+        Err(_) => cmd.args(["-SecurityTypes", "None"]),
+    };
+    let server = spawn_tied(&mut cmd).map_err(|e| format!("starting Xvnc: {e}"))?;
     let addr = format!("127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(15);
     while TcpStream::connect(&addr).is_err() {
@@ -224,5 +294,9 @@ fn start_desktop() -> Result<(String, Vec<Kid>), String> {
     {
         kids.push(k);
     }
-    Ok((addr, kids))
+    Ok(Desktop {
+        addr,
+        kids,
+        password: passwd_file.ok().map(|_| password),
+    })
 }

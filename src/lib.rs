@@ -32,6 +32,7 @@ pub mod demo;
 pub mod gateway;
 pub mod metrics;
 pub mod readiness;
+pub mod rfb;
 pub mod routing;
 pub mod server;
 pub mod services;

@@ -31,6 +31,8 @@ impl Drop for GaugeGuard {
 }
 
 pub const DIRECTIONS: [&str; 2] = ["client_to_backend", "backend_to_client"];
+/// `vncgate_input_dropped_total{kind}` (contract §8).
+pub const INPUT_KINDS: [&str; 5] = ["key", "pointer", "clipboard", "desktop_size", "other"];
 pub const STORE_OPS: [&str; 9] = [
     "get",
     "claim",
@@ -72,6 +74,15 @@ pub struct Metrics {
     pub config_info: GaugeVec,
     pub config_reloads_total: IntCounterVec,
     pub config_last_reload_timestamp: Gauge,
+    /// Terminate mode: TCP connected -> the backend's ServerInit read (contract §8).
+    pub backend_handshake_duration: HistogramVec,
+    /// Client input the gateway did not pass to the backend (view-only), by kind.
+    pub input_dropped_total: IntCounterVec,
+    /// Cut-text messages stopped by the clipboard policy, by direction.
+    pub clipboard_blocked_total: IntCounterVec,
+    /// Not in the contract's table (an addition): handshakes in which a backend refused the
+    /// gateway's configured credentials, per backend, for the alert and its runbook.
+    pub backend_auth_failures_total: IntCounterVec,
 }
 
 fn hist(name: &str, help: &str, buckets: &[f64]) -> HistogramOpts {
@@ -212,6 +223,35 @@ impl Metrics {
                 "vncgate_config_last_reload_timestamp_seconds",
                 "When the config in use was loaded (unix seconds).",
             )?,
+            backend_handshake_duration: HistogramVec::new(
+                hist(
+                    "vncgate_backend_handshake_duration_seconds",
+                    "Terminate mode: time from the backend TCP connect to its ServerInit.",
+                    LATENCY_BUCKETS,
+                ),
+                &["pool"],
+            )?,
+            input_dropped_total: IntCounterVec::new(
+                Opts::new(
+                    "vncgate_input_dropped_total",
+                    "Client input messages not passed to the backend (view-only), by kind.",
+                ),
+                &["kind"],
+            )?,
+            clipboard_blocked_total: IntCounterVec::new(
+                Opts::new(
+                    "vncgate_clipboard_blocked_total",
+                    "Clipboard messages stopped by the clipboard policy, by direction.",
+                ),
+                &["direction"],
+            )?,
+            backend_auth_failures_total: IntCounterVec::new(
+                Opts::new(
+                    "vncgate_backend_auth_failures_total",
+                    "Backend RFB handshakes that refused the gateway's credentials.",
+                ),
+                &["pool", "backend"],
+            )?,
             registry,
         };
         m.register_all()?;
@@ -242,6 +282,10 @@ impl Metrics {
         r.register(Box::new(self.config_info.clone()))?;
         r.register(Box::new(self.config_reloads_total.clone()))?;
         r.register(Box::new(self.config_last_reload_timestamp.clone()))?;
+        r.register(Box::new(self.backend_handshake_duration.clone()))?;
+        r.register(Box::new(self.input_dropped_total.clone()))?;
+        r.register(Box::new(self.clipboard_blocked_total.clone()))?;
+        r.register(Box::new(self.backend_auth_failures_total.clone()))?;
         Ok(())
     }
 
@@ -264,7 +308,11 @@ impl Metrics {
             self.session_duration.with_label_values(&[pool_name]);
             self.backend_connect_duration
                 .with_label_values(&[pool_name]);
+            self.backend_handshake_duration
+                .with_label_values(&[pool_name]);
             for backend in &pool.backends {
+                self.backend_auth_failures_total
+                    .with_label_values(&[pool_name, &backend.name]);
                 self.backend_up
                     .with_label_values(&[pool_name, &backend.name]);
                 self.backend_sessions
@@ -292,6 +340,12 @@ impl Metrics {
             self.relay_bytes_total.with_label_values(&[dir]);
             self.backpressure_wait_seconds_total
                 .with_label_values(&[dir]);
+        }
+        for kind in INPUT_KINDS {
+            self.input_dropped_total.with_label_values(&[kind]);
+        }
+        for dir in DIRECTIONS {
+            self.clipboard_blocked_total.with_label_values(&[dir]);
         }
         for op in STORE_OPS {
             self.store_errors_total.with_label_values(&[op]);

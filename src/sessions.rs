@@ -1,6 +1,7 @@
 //! The registry of live sessions: their ids (for `/admin/sessions` and logs) and a control
 //! handle each, so drain, kick, revocation and expiry all reach a session the same way: one
-//! watch channel per session carrying the close code to end it with.
+//! watch channel per session carrying the close code to end it with. A second watch carries
+//! the connection's input mode, which the admin switch changes while the session runs.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -26,11 +27,52 @@ pub struct SessionInfo {
     pub started: Instant,
     /// Wall-clock start (unix ms), for the pin written back to a store that lost it.
     pub started_at_ms: u64,
+    pub role: Role,
+    /// Whether the gateway filters this connection's input (terminate mode); a transparent
+    /// session's input mode cannot be switched.
+    pub input_switchable: bool,
+}
+
+/// How a connection relates to its session (contract §7, §11).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// The pin's owner.
+    Owner,
+    /// Joined with `share: view`.
+    View,
+    /// Joined with `share: control`.
+    Control,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Owner => "owner",
+            Role::View => "view",
+            Role::Control => "control",
+        }
+    }
+}
+
+/// A live connection as `/admin/sessions` shows it.
+#[derive(Debug, Clone)]
+pub struct LiveSession {
+    pub info: SessionInfo,
+    pub view_only: bool,
 }
 
 struct Entry {
     info: SessionInfo,
     control: watch::Sender<Option<CloseCode>>,
+    view_only: watch::Sender<bool>,
+}
+
+/// What a registered session listens to.
+pub struct Control {
+    /// The close code to end with, once something asks.
+    pub close: watch::Receiver<Option<CloseCode>>,
+    /// `true` while the connection's input is dropped (view-only).
+    pub view_only: watch::Receiver<bool>,
 }
 
 pub struct Registry {
@@ -88,23 +130,67 @@ impl Registry {
         self.next_conn_id.load(Ordering::Relaxed)
     }
 
+    /// Register a live connection that starts with the given input mode.
     pub fn register(
         self: &Arc<Self>,
         info: SessionInfo,
-    ) -> (Registration, watch::Receiver<Option<CloseCode>>) {
+        view_only: bool,
+    ) -> (Registration, Control) {
         let closing = *self.closing.lock().unwrap_or_else(|p| p.into_inner());
         let (tx, rx) = watch::channel(closing);
+        let (mode_tx, mode_rx) = watch::channel(view_only);
         let conn_id = info.conn_id;
         let mut entries = self.lock();
-        entries.insert(conn_id, Entry { info, control: tx });
+        entries.insert(
+            conn_id,
+            Entry {
+                info,
+                control: tx,
+                view_only: mode_tx,
+            },
+        );
         self.count.send_replace(entries.len());
         (
             Registration {
                 registry: Arc::clone(self),
                 conn_id,
             },
-            rx,
+            Control {
+                close: rx,
+                view_only: mode_rx,
+            },
         )
+    }
+
+    /// Switch the input mode of every switchable connection matching `pred`; returns how many
+    /// connections matched (switched or already in that mode). An admin may hand control to a
+    /// `share: view` connection too (a hand-over without reconnecting); its later connections
+    /// start view-only again, as the token says.
+    pub fn set_view_only(&self, view_only: bool, pred: impl Fn(&SessionInfo) -> bool) -> usize {
+        let entries = self.lock();
+        let mut n = 0;
+        for entry in entries
+            .values()
+            .filter(|e| pred(&e.info) && e.info.input_switchable)
+        {
+            n += 1;
+            let changed = entry.view_only.send_if_modified(|current| {
+                let changed = *current != view_only;
+                *current = view_only;
+                changed
+            });
+            if changed {
+                tracing::info!(
+                    event = "input_mode_changed",
+                    conn_id = entry.info.conn_id,
+                    session_id = %entry.info.session_id,
+                    user_id = %entry.info.user_id,
+                    mode = if view_only { "view_only" } else { "interactive" },
+                    "input mode changed"
+                );
+            }
+        }
+        n
     }
 
     /// Ask every session matching `pred` to close with `code`; returns how many were asked.
@@ -148,6 +234,17 @@ impl Registry {
         self.lock().values().map(|e| e.info.clone()).collect()
     }
 
+    /// Every live connection with its current input mode.
+    pub fn live(&self) -> Vec<LiveSession> {
+        self.lock()
+            .values()
+            .map(|e| LiveSession {
+                info: e.info.clone(),
+                view_only: *e.view_only.borrow(),
+            })
+            .collect()
+    }
+
     /// Close one connection with `code` once `after` has passed (token expiry); never returns,
     /// so it can sit in a `select!` next to the relay.
     pub async fn close_after(
@@ -184,14 +281,46 @@ mod tests {
             client_addr: None,
             started: Instant::now(),
             started_at_ms: 0,
+            role: Role::Owner,
+            input_switchable: true,
         }
+    }
+
+    impl Registry {
+        fn register_for_test(
+            self: &Arc<Self>,
+            info: SessionInfo,
+        ) -> (Registration, watch::Receiver<Option<CloseCode>>) {
+            let (reg, control) = self.register(info, false);
+            (reg, control.close)
+        }
+    }
+
+    #[tokio::test]
+    async fn input_mode_switch_reaches_matching_connections_only() {
+        let r = Registry::new();
+        let (_g1, c1) = r.register(info(1, "alice"), false);
+        let (_g2, c2) = r.register(info(2, "bob"), false);
+        let viewer = SessionInfo {
+            role: Role::View,
+            ..info(3, "carol")
+        };
+        let (_g3, c3) = r.register(viewer, true);
+        assert_eq!(r.set_view_only(true, |s| s.user_id == "alice"), 1);
+        assert!(*c1.view_only.borrow());
+        assert!(!*c2.view_only.borrow());
+        // Hand-over: the viewer gets control, the owner becomes view-only.
+        assert_eq!(r.set_view_only(false, |s| s.role == Role::View), 1);
+        assert_eq!(r.set_view_only(true, |s| s.role == Role::Owner), 2);
+        assert!(*c1.view_only.borrow() && *c2.view_only.borrow());
+        assert!(!*c3.view_only.borrow());
     }
 
     #[tokio::test]
     async fn close_reaches_matching_sessions_and_first_code_sticks() {
         let r = Registry::new();
-        let (_g1, rx1) = r.register(info(1, "alice"));
-        let (_g2, rx2) = r.register(info(2, "bob"));
+        let (_g1, rx1) = r.register_for_test(info(1, "alice"));
+        let (_g2, rx2) = r.register_for_test(info(2, "bob"));
         assert_eq!(
             r.close_where(CloseCode::Kicked, |s| s.user_id == "alice"),
             1
@@ -206,8 +335,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn close_after_fires_at_the_deadline_only() {
         let r = Registry::new();
-        let (_g, rx) = r.register(info(7, "alice"));
-        let (_g2, other) = r.register(info(8, "alice"));
+        let (_g, rx) = r.register_for_test(info(7, "alice"));
+        let (_g2, other) = r.register_for_test(info(8, "alice"));
         let timer = tokio::spawn({
             let r = Arc::clone(&r);
             async move {
@@ -227,14 +356,14 @@ mod tests {
     async fn sessions_registering_after_a_drain_start_closed() {
         let r = Registry::new();
         r.close_all_from_now(CloseCode::GoingAway);
-        let (_g, rx) = r.register(info(1, "late"));
+        let (_g, rx) = r.register_for_test(info(1, "late"));
         assert_eq!(*rx.borrow(), Some(CloseCode::GoingAway));
     }
 
     #[tokio::test]
     async fn wait_empty_resolves_when_last_session_ends() {
         let r = Registry::new();
-        let (g, _rx) = r.register(info(1, "alice"));
+        let (g, _rx) = r.register_for_test(info(1, "alice"));
         assert_eq!(r.len(), 1);
         let waiter = tokio::spawn({
             let r = Arc::clone(&r);

@@ -120,7 +120,7 @@ async fn gateway(auth: String) -> (RfbServer, Gateway) {
     })
     .await
     .expect("fixture");
-    let mut cfg = GatewayConfig::new(vec![BackendSpec::rfb("desk", backend.addr)]);
+    let mut cfg = GatewayConfig::new(vec![BackendSpec::fixture("desk", &backend)]);
     cfg.auth = auth;
     (backend, Gateway::start(cfg).await)
 }
@@ -504,7 +504,7 @@ async fn admin_kick_closes_the_session_with_4003() {
 #[tokio::test]
 async fn repeated_auth_failures_from_one_address_are_throttled() {
     let backend = RfbServer::start(Mode::Echo).await.expect("fixture");
-    let mut cfg = GatewayConfig::new(vec![BackendSpec::rfb("desk", backend.addr)]);
+    let mut cfg = GatewayConfig::new(vec![BackendSpec::fixture("desk", &backend)]);
     cfg.extra = "limits:\n  auth_failures_per_minute: 3\n".into();
     let gw = Gateway::start(cfg).await;
     for _ in 0..3 {

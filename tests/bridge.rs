@@ -16,9 +16,8 @@ use tokio_tungstenite::tungstenite::Message;
 const MIB: u64 = 1024 * 1024;
 
 async fn gateway_for(backend: &RfbServer) -> Gateway {
-    Gateway::start(GatewayConfig::new(vec![BackendSpec::rfb(
-        "desk",
-        backend.addr,
+    Gateway::start(GatewayConfig::new(vec![BackendSpec::fixture(
+        "desk", backend,
     )]))
     .await
 }
@@ -39,7 +38,7 @@ impl TlsGateway {
         let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
         std::fs::write(&cert, certified.cert.pem()).expect("cert");
         std::fs::write(&key, certified.signing_key.serialize_pem()).expect("key");
-        let mut cfg = GatewayConfig::new(vec![BackendSpec::rfb("desk", backend.addr)]);
+        let mut cfg = GatewayConfig::new(vec![BackendSpec::fixture("desk", backend)]);
         cfg.tls = Some((cert, key));
         TlsGateway {
             gw: Gateway::start(cfg).await,
@@ -264,7 +263,7 @@ async fn backend_unreachable_is_502() {
 #[tokio::test]
 async fn text_frames_and_oversized_messages_are_refused_with_their_codes() {
     let backend = RfbServer::start(Mode::Echo).await.expect("fixture");
-    let mut cfg = GatewayConfig::new(vec![BackendSpec::rfb("echo", backend.addr)]);
+    let mut cfg = GatewayConfig::new(vec![BackendSpec::fixture("echo", &backend)]);
     cfg.extra = "limits:\n  max_message_bytes: 1024\n".into();
     let gw = Gateway::start(cfg).await;
 
@@ -388,7 +387,7 @@ async fn sigterm_drains_live_sessions_with_1001_and_exits_0() {
     })
     .await
     .expect("fixture");
-    let mut cfg = GatewayConfig::new(vec![BackendSpec::rfb("desk", backend.addr)]);
+    let mut cfg = GatewayConfig::new(vec![BackendSpec::fixture("desk", &backend)]);
     cfg.drain_seconds = 1;
     let mut gw = Gateway::start(cfg).await;
     let mut ws = open(&gw, "alice").await;
@@ -437,7 +436,7 @@ async fn raw_upgrade(gw: &Gateway, sub: &str) -> tokio::net::TcpStream {
 #[tokio::test]
 async fn a_peer_that_never_answers_pings_is_dropped_as_dead() {
     let backend = RfbServer::start(Mode::Echo).await.expect("fixture");
-    let mut cfg = GatewayConfig::new(vec![BackendSpec::rfb("desk", backend.addr)]);
+    let mut cfg = GatewayConfig::new(vec![BackendSpec::fixture("desk", &backend)]);
     cfg.extra = "limits:\n  ping_interval_seconds: 1\n  pong_timeout_seconds: 1\n".into();
     let gw = Gateway::start(cfg).await;
     let _silent = raw_upgrade(&gw, "ghost").await;
@@ -451,7 +450,7 @@ async fn a_peer_that_never_answers_pings_is_dropped_as_dead() {
 #[tokio::test]
 async fn idle_sessions_are_closed_with_4008() {
     let backend = RfbServer::start(Mode::Echo).await.expect("fixture");
-    let mut cfg = GatewayConfig::new(vec![BackendSpec::rfb("desk", backend.addr)]);
+    let mut cfg = GatewayConfig::new(vec![BackendSpec::fixture("desk", &backend)]);
     cfg.extra = "limits:\n  idle_timeout_seconds: 1\n".into();
     let gw = Gateway::start(cfg).await;
     let mut ws = open(&gw, "idler").await;

@@ -29,7 +29,7 @@ async fn gateway_with_web_root() -> (RfbServer, Gateway, tempfile::TempDir) {
         "secret",
     )
     .ok();
-    let mut cfg = GatewayConfig::new(vec![BackendSpec::rfb("desk", backend.addr)]);
+    let mut cfg = GatewayConfig::new(vec![BackendSpec::fixture("desk", &backend)]);
     cfg.web_root = Some(root.path().to_owned());
     let gw = Gateway::start(cfg).await;
     (backend, gw, root)
@@ -88,9 +88,8 @@ async fn static_files(#[case] path: &str, #[case] status: u16, #[case] content_t
 #[tokio::test]
 async fn health_readiness_metrics_and_admin_auth() {
     let backend = RfbServer::start(Mode::Echo).await.expect("fixture");
-    let gw = Gateway::start(GatewayConfig::new(vec![BackendSpec::rfb(
-        "desk",
-        backend.addr,
+    let gw = Gateway::start(GatewayConfig::new(vec![BackendSpec::fixture(
+        "desk", &backend,
     )]))
     .await;
 
@@ -155,9 +154,8 @@ async fn health_readiness_metrics_and_admin_auth() {
 #[tokio::test]
 async fn log_lines_are_one_json_object_each_with_the_contract_fields() {
     let backend = RfbServer::start(Mode::Echo).await.expect("fixture");
-    let gw = Gateway::start(GatewayConfig::new(vec![BackendSpec::rfb(
-        "desk",
-        backend.addr,
+    let gw = Gateway::start(GatewayConfig::new(vec![BackendSpec::fixture(
+        "desk", &backend,
     )]))
     .await;
     let jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl";

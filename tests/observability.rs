@@ -172,9 +172,8 @@ async fn live_scrape() -> String {
     })
     .await
     .expect("fixture");
-    let gw = Gateway::start(GatewayConfig::new(vec![BackendSpec::rfb(
-        "desk",
-        backend.addr,
+    let gw = Gateway::start(GatewayConfig::new(vec![BackendSpec::fixture(
+        "desk", &backend,
     )]))
     .await;
     let (status, body) = gw.admin_get("/metrics").await;

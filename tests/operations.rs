@@ -153,7 +153,7 @@ async fn reload_serves_a_renewed_certificate_to_new_connections() {
     let backend = desk("tls").await;
     let dir = tempfile::tempdir().expect("tempdir");
     let (cert, key_file, old_der) = write_cert(dir.path(), "live");
-    let mut cfg = GatewayConfig::new(vec![BackendSpec::rfb("desk", backend.addr)]);
+    let mut cfg = GatewayConfig::new(vec![BackendSpec::fixture("desk", &backend)]);
     cfg.tls = Some((cert.clone(), key_file.clone()));
     let gw = Gateway::start(cfg).await;
     let url = |t: &str| format!("wss://127.0.0.1:{}/websockify?token={t}", gw.port);

@@ -52,9 +52,8 @@ fn request(gw: &Gateway, token: &str, source: Source) -> WsConnect {
 #[tokio::test]
 async fn every_token_source_reaches_the_desktop(#[case] source: Source) {
     let backend = rfb_backend("fixture-desk").await;
-    let gw = Gateway::start(GatewayConfig::new(vec![BackendSpec::rfb(
-        "desk",
-        backend.addr,
+    let gw = Gateway::start(GatewayConfig::new(vec![BackendSpec::fixture(
+        "desk", &backend,
     )]))
     .await;
     let jwt = token("alice", Some("s1"));
@@ -133,9 +132,8 @@ fn claims(extra: serde_json::Value) -> serde_json::Value {
 #[tokio::test]
 async fn token_refusals(#[case] jwt: Option<String>, #[case] status: u16, #[case] code: &str) {
     let backend = rfb_backend("d").await;
-    let gw = Gateway::start(GatewayConfig::new(vec![BackendSpec::rfb(
-        "desk",
-        backend.addr,
+    let gw = Gateway::start(GatewayConfig::new(vec![BackendSpec::fixture(
+        "desk", &backend,
     )]))
     .await;
     let mut c = WsConnect::new(gw.ws_url(""));
@@ -157,9 +155,8 @@ async fn token_refusals(#[case] jwt: Option<String>, #[case] status: u16, #[case
 #[tokio::test]
 async fn handshake_refusals_and_paths() {
     let backend = rfb_backend("d").await;
-    let gw = Gateway::start(GatewayConfig::new(vec![BackendSpec::rfb(
-        "desk",
-        backend.addr,
+    let gw = Gateway::start(GatewayConfig::new(vec![BackendSpec::fixture(
+        "desk", &backend,
     )]))
     .await;
     let jwt = token("alice", None);
@@ -194,7 +191,7 @@ async fn handshake_refusals_and_paths() {
 #[tokio::test]
 async fn session_owner_binding_and_per_user_limit() {
     let backend = rfb_backend("d").await;
-    let mut cfg = GatewayConfig::new(vec![BackendSpec::rfb("desk", backend.addr)]);
+    let mut cfg = GatewayConfig::new(vec![BackendSpec::fixture("desk", &backend)]);
     cfg.extra = "limits:\n  max_sessions: 3\n  max_sessions_per_user: 1\n".into();
     let gw = Gateway::start(cfg).await;
 

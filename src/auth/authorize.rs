@@ -2,7 +2,8 @@
 //! backend name. A token can name a backend only by its configured name, never by address.
 
 use super::{AuthError, Claims};
-use crate::config::Config;
+use crate::config::{Config, RfbMode};
+use crate::rfb::policy::Clipboard;
 
 /// Exact match against `auth.allowed_origins`; an empty list allows any Origin (warned at start).
 /// A request without an Origin header (a non-browser client) is allowed only when the list is
@@ -37,6 +38,19 @@ pub fn authorize(claims: &Claims, config: &Config) -> Result<(), AuthError> {
         && !pool.backends.iter().any(|b| &b.name == name)
     {
         return Err(AuthError::BackendNotAllowed);
+    }
+    // Fail closed: a transparent pool relays the browser's input untouched, so a token that
+    // limits input or the clipboard would be a promise the gateway cannot keep.
+    if pool.rfb.mode == RfbMode::Transparent {
+        if claims.starts_view_only() {
+            return Err(AuthError::ViewOnlyUnenforceable("view-only"));
+        }
+        if claims
+            .clipboard
+            .is_some_and(|c| Clipboard::from(c) != Clipboard::Both)
+        {
+            return Err(AuthError::ViewOnlyUnenforceable("clipboard"));
+        }
     }
     Ok(())
 }

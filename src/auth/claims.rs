@@ -24,6 +24,42 @@ pub struct Claims {
     pub view_only: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jti: Option<String>,
+    /// Narrows the pool's clipboard policy (contract §3, §11); an unknown value is malformed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clipboard: Option<ClipboardClaim>,
+    /// Joins a session another `sub` owns (contract §11).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub share: Option<Share>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum ClipboardClaim {
+    Both,
+    ToClient,
+    ToServer,
+    None,
+}
+
+impl From<ClipboardClaim> for crate::rfb::policy::Clipboard {
+    fn from(c: ClipboardClaim) -> Self {
+        use crate::rfb::policy::Clipboard;
+        match c {
+            ClipboardClaim::Both => Clipboard::Both,
+            ClipboardClaim::ToClient => Clipboard::ToClient,
+            ClipboardClaim::ToServer => Clipboard::ToServer,
+            ClipboardClaim::None => Clipboard::None,
+        }
+    }
+}
+
+/// How a token joins another user's session: `view` is always view-only.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Share {
+    View,
+    Control,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -46,5 +82,10 @@ impl Claims {
 
     pub fn pool_name(&self) -> &str {
         self.pool.as_deref().unwrap_or("default")
+    }
+
+    /// Whether this connection starts view-only: the `view_only` claim, or a `share: view`.
+    pub fn starts_view_only(&self) -> bool {
+        self.view_only || self.share == Some(Share::View)
     }
 }

@@ -16,6 +16,8 @@ pub struct TokenRequest {
     pub backend: Option<String>,
     pub view_only: bool,
     pub jti: Option<String>,
+    pub share: Option<super::claims::Share>,
+    pub clipboard: Option<super::claims::ClipboardClaim>,
     /// Set from `auth.issuer` / `auth.audience`, so a minted token passes the gateway's checks.
     pub iss: Option<String>,
     pub aud: Option<String>,
@@ -45,6 +47,8 @@ pub fn mint_hs256(
         backend: req.backend.clone(),
         view_only: req.view_only,
         jti: req.jti.clone(),
+        clipboard: req.clipboard,
+        share: req.share,
     };
     encode(
         &Header::new(Algorithm::HS256),

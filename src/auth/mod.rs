@@ -8,7 +8,7 @@
 //! - [`mint`]: signing tokens for the `token` and `demo` commands.
 
 pub mod authorize;
-mod claims;
+pub mod claims;
 pub mod extract;
 pub mod jwks;
 pub mod mint;
@@ -47,4 +47,8 @@ pub enum AuthError {
     PoolUnknown,
     #[error("backend is not a configured backend of the pool")]
     BackendNotAllowed,
+    #[error(
+        "the pool relays RFB untouched (rfb.mode: transparent) and cannot enforce this token's {0} policy"
+    )]
+    ViewOnlyUnenforceable(&'static str),
 }

@@ -7,7 +7,7 @@ use std::io;
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_tungstenite::WebSocketStream;
@@ -122,6 +122,34 @@ impl BackendWrite for TcpWrite {
 
     async fn shutdown(&mut self) {
         // Best effort: the backend may already be gone.
+        let _ = self.0.shutdown().await;
+    }
+}
+
+/// Any other byte stream (TLS to a VeNCrypt backend): read in chunks of up to [`READ_CHUNK`].
+pub struct IoRead<T>(tokio::io::ReadHalf<T>);
+pub struct IoWrite<T>(tokio::io::WriteHalf<T>);
+
+pub fn stream<T: AsyncRead + AsyncWrite + Send>(s: T) -> (IoRead<T>, IoWrite<T>) {
+    let (r, w) = tokio::io::split(s);
+    (IoRead(r), IoWrite(w))
+}
+
+impl<T: AsyncRead + Send> BackendRead for IoRead<T> {
+    async fn read_chunk(&mut self, buf: &mut BytesMut) -> io::Result<Option<Bytes>> {
+        buf.reserve(READ_CHUNK);
+        let n = (&mut self.0).take(READ_CHUNK as u64).read_buf(buf).await?;
+        Ok((n > 0).then(|| buf.split().freeze()))
+    }
+}
+
+impl<T: AsyncWrite + Send> BackendWrite for IoWrite<T> {
+    async fn write_chunk(&mut self, data: Bytes) -> io::Result<()> {
+        self.0.write_all(&data).await?;
+        self.0.flush().await
+    }
+
+    async fn shutdown(&mut self) {
         let _ = self.0.shutdown().await;
     }
 }

@@ -16,6 +16,8 @@ pub enum CloseCode {
     NoStatus,
     /// 1006: the connection dropped without a close frame (reset, dead peer, pong timeout).
     Abnormal,
+    /// 1008: an RFB message the gateway refuses (terminate mode: undelimitable or malformed).
+    PolicyViolation,
     /// 1009: a client message above `limits.max_message_bytes`.
     TooBig,
     /// 1011: an internal error.
@@ -31,13 +33,14 @@ pub enum CloseCode {
 }
 
 impl CloseCode {
-    pub const ALL: [CloseCode; 12] = [
+    pub const ALL: [CloseCode; 13] = [
         CloseCode::Normal,
         CloseCode::GoingAway,
         CloseCode::ProtocolError,
         CloseCode::Unsupported,
         CloseCode::NoStatus,
         CloseCode::Abnormal,
+        CloseCode::PolicyViolation,
         CloseCode::TooBig,
         CloseCode::Internal,
         CloseCode::TryAgain,
@@ -54,6 +57,7 @@ impl CloseCode {
             CloseCode::Unsupported => 1003,
             CloseCode::NoStatus => 1005,
             CloseCode::Abnormal => 1006,
+            CloseCode::PolicyViolation => 1008,
             CloseCode::TooBig => 1009,
             CloseCode::Internal => 1011,
             CloseCode::TryAgain => 1013,
@@ -80,6 +84,7 @@ impl CloseCode {
             CloseCode::ProtocolError => "websocket protocol error",
             CloseCode::Unsupported => "text frames are not RFB",
             CloseCode::NoStatus | CloseCode::Abnormal => "",
+            CloseCode::PolicyViolation => "RFB message refused",
             CloseCode::TooBig => "message too big",
             CloseCode::Internal => "internal error",
             CloseCode::TryAgain => "backend connection lost; try again",

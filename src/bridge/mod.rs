@@ -14,6 +14,8 @@ pub mod backend;
 pub mod client;
 mod close;
 mod fairness;
+mod filter;
+pub mod session;
 pub mod splice;
 
 use std::future::{Future, poll_fn};
@@ -38,6 +40,7 @@ pub use backend::{BackendRead, BackendWrite};
 use client::ClientSocket;
 pub use close::{CloseCode, EndReason};
 use fairness::Share;
+pub use filter::RfbFilters;
 use splice::Fill;
 pub use splice::Splicer;
 
@@ -62,6 +65,27 @@ pub struct Meters {
     pub backend_to_client_wait: Counter,
     pub buffered: IntGauge,
     pub spliced: IntCounter,
+}
+
+impl Meters {
+    pub fn new(m: &crate::metrics::Metrics) -> Meters {
+        Meters {
+            client_to_backend_bytes: m
+                .relay_bytes_total
+                .with_label_values(&["client_to_backend"]),
+            backend_to_client_bytes: m
+                .relay_bytes_total
+                .with_label_values(&["backend_to_client"]),
+            client_to_backend_wait: m
+                .backpressure_wait_seconds_total
+                .with_label_values(&["client_to_backend"]),
+            backend_to_client_wait: m
+                .backpressure_wait_seconds_total
+                .with_label_values(&["backend_to_client"]),
+            buffered: m.relay_buffered_bytes.clone(),
+            spliced: m.relay_spliced_bytes_total.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -106,6 +130,9 @@ impl Clock {
 }
 
 /// Relay until one side ends or the control channel says to close; then close both sides.
+/// `rfb`: terminate mode's filters (input policy, and the server stream where the clipboard
+/// policy needs it delimited); `None` relays bytes untouched.
+#[allow(clippy::too_many_arguments)]
 pub async fn run<S, R, W>(
     ws: WebSocketStream<S>,
     mut backend_read: R,
@@ -114,6 +141,7 @@ pub async fn run<S, R, W>(
     meters: &Meters,
     mut control: watch::Receiver<Option<CloseCode>>,
     mut splicer: Option<Splicer>,
+    rfb: Option<RfbFilters>,
 ) -> Outcome
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -136,18 +164,35 @@ where
     // A peer that neither answers a ping nor accepts a byte for this long is treated as dead
     // (half-open sockets never error on their own).
     let dead_after = limits.ping_interval + limits.pong_timeout;
+    let (mut inbound, mut outbound) = match rfb {
+        Some(f) => (Some(f.inbound), f.outbound),
+        None => (None, None),
+    };
 
     let client_to_backend = async {
+        // Terminate mode: what the browser sent right behind its ClientInit comes first.
+        let mut pending = inbound.as_mut().and_then(|f| f.take_leftover());
         loop {
-            let msg = match stream.next().await {
-                None => return EndReason::Client(CloseCode::Abnormal),
-                Some(Err(e)) => return classify_read_error(&e),
-                Some(Ok(msg)) => msg,
+            let msg = match pending.take() {
+                Some(data) => Message::Binary(data),
+                None => match stream.next().await {
+                    None => return EndReason::Client(CloseCode::Abnormal),
+                    Some(Err(e)) => return classify_read_error(&e),
+                    Some(Ok(msg)) => msg,
+                },
             };
             last_seen.store(clock.now_ms(), Ordering::Relaxed);
             match msg {
                 Message::Binary(data) => {
                     last_input.store(clock.now_ms(), Ordering::Relaxed);
+                    let data = match inbound.as_mut() {
+                        None => data,
+                        Some(f) => match f.apply(data) {
+                            Ok(kept) if kept.is_empty() => continue,
+                            Ok(kept) => kept,
+                            Err(end) => return end,
+                        },
+                    };
                     let n = data.len();
                     let _held = Held::new(&meters.buffered, n);
                     let started = Instant::now();
@@ -195,6 +240,16 @@ where
                         Ok(Some(chunk)) => chunk,
                         Ok(None) => return EndReason::Gateway(CloseCode::Normal),
                         Err(_) => return EndReason::Gateway(CloseCode::TryAgain),
+                    };
+                    // Only copied chunks reach here when the server stream is filtered: the
+                    // session does not splice then.
+                    let chunk = match (chunk, outbound.as_mut()) {
+                        (Chunk::Copied(data), Some(f)) => match f.apply(data) {
+                            Ok(kept) if kept.is_empty() => continue,
+                            Ok(kept) => Chunk::Copied(kept),
+                            Err(end) => return end,
+                        },
+                        (chunk, _) => chunk,
                     };
                     let n = chunk.len();
                     let spliced = matches!(chunk, Chunk::Piped(_));
@@ -407,6 +462,23 @@ fn classify_read_error(e: &WsError) -> EndReason {
         WsError::Protocol(_) => EndReason::Gateway(CloseCode::ProtocolError),
         WsError::Utf8(_) => EndReason::Gateway(CloseCode::Unsupported),
         _ => EndReason::Client(CloseCode::Abnormal),
+    }
+}
+
+/// Close a WebSocket that never reached the pumps (the browser's RFB handshake failed).
+pub(crate) async fn close_websocket<S>(ws: &mut WebSocketStream<S>, end: EndReason)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match end {
+        EndReason::Gateway(code) if code.is_sendable() => {
+            let frame = CloseFrame {
+                code: code.as_u16().into(),
+                reason: code.reason().into(),
+            };
+            let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, ws.close(Some(frame))).await;
+        }
+        _ => {}
     }
 }
 

@@ -86,6 +86,25 @@ pub(super) struct RawPool {
     pub backends: Vec<RawBackend>,
     pub failover: Option<bool>,
     pub health_check_interval_seconds: Option<u64>,
+    pub health_check: Option<String>,
+    pub rfb: Option<RawRfb>,
+    pub clipboard: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping")]
+pub(super) struct RawRfb {
+    pub mode: Option<String>,
+    pub password_env: Option<String>,
+    pub username_env: Option<String>,
+    pub tls: Option<RawRfbTls>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping")]
+pub(super) struct RawRfbTls {
+    pub ca_file: Option<String>,
+    pub server_name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -95,6 +114,7 @@ pub(super) struct RawBackend {
     pub addr: String,
     pub protocol: Option<String>,
     pub path: Option<String>,
+    pub password_env: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

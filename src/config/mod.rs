@@ -126,9 +126,55 @@ pub struct StoreConfig {
 pub struct PoolConfig {
     pub backends: Vec<BackendConfig>,
     pub failover: bool,
-    /// Active TCP health checks of this pool's backends; `None` = off (a backend then counts as
+    /// Active health checks of this pool's backends; `None` = off (a backend then counts as
     /// up, and a failed connect answers 502).
     pub health_check_interval: Option<Duration>,
+    pub health_check: HealthCheck,
+    pub rfb: RfbConfig,
+    /// The pool's clipboard ceiling; a token's `clipboard` claim narrows it.
+    pub clipboard: Clipboard,
+}
+
+pub use crate::rfb::policy::Clipboard;
+
+/// What an active health check does (contract §11).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthCheck {
+    /// A TCP connect. Servers with a pre-authentication blacklist (TigerVNC) count each one as
+    /// a failed login from the gateway's address.
+    Tcp,
+    /// The RFB handshake through ServerInit with the pool's credentials, then a clean close.
+    Rfb,
+}
+
+/// How the gateway treats the RFB stream of a pool's sessions (contract §11).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RfbMode {
+    /// The gateway does the backend handshake itself and is the RFB server for the browser.
+    Terminate,
+    /// Bytes relayed untouched (the first wave's behaviour).
+    Transparent,
+}
+
+#[derive(Debug, Clone)]
+pub struct RfbConfig {
+    pub mode: RfbMode,
+    /// VeNCrypt X509* to the backends: the client config trusting `rfb.tls.ca_file`.
+    pub tls: Option<RfbTls>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RfbTls {
+    pub client: std::sync::Arc<rustls::ClientConfig>,
+    /// The name the backend certificates are checked against; `None` = each backend's host.
+    pub server_name: Option<String>,
+}
+
+/// The credentials the gateway presents to one backend (the pool's, or the backend's own).
+#[derive(Debug, Clone, Default)]
+pub struct RfbCredentials {
+    pub password: Option<Secret>,
+    pub username: Option<Secret>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -145,6 +191,8 @@ pub struct BackendConfig {
     /// `host:port`; a host name is resolved at connect time so DNS changes are followed.
     pub addr: BackendAddr,
     pub protocol: BackendProtocol,
+    /// Terminate mode: what the gateway answers the backend's security handshake with.
+    pub credentials: RfbCredentials,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -13,10 +13,12 @@ use super::file::{
     OrderedMap, RawAdmin, RawAuth, RawBackend, RawConfig, RawLimits, RawListener, RawLogging,
     RawPool, RawServer, RawStore,
 };
+#[path = "validate_rfb.rs"]
+mod rfb;
 use super::{
     AdminConfig, Algorithm, AuthConfig, BackendAddr, BackendConfig, BackendProtocol, Config,
-    Limits, ListenerConfig, LogFormat, LoggingConfig, OnExpiry, PoolConfig, Secret, ServerSettings,
-    StoreConfig, StoreKind, TlsFiles,
+    Limits, ListenerConfig, LogFormat, LoggingConfig, OnExpiry, PoolConfig, RfbCredentials, Secret,
+    ServerSettings, StoreConfig, StoreKind, TlsFiles,
 };
 
 /// One problem in the config, tied to the key it concerns (empty when it concerns the whole file).
@@ -134,7 +136,7 @@ pub(super) fn resolve(raw: RawConfig, env: Env<'_>) -> Result<Config, ConfigErro
         .map(|admin| resolve_admin(&mut p, admin, env, &listeners));
     let auth = resolve_auth(&mut p, raw.auth.unwrap_or_default(), env);
     let store = resolve_store(&mut p, raw.store.unwrap_or_default(), env);
-    let pools = resolve_pools(&mut p, raw.pools.unwrap_or(OrderedMap(Vec::new())));
+    let pools = resolve_pools(&mut p, env, raw.pools.unwrap_or(OrderedMap(Vec::new())));
     let limits = resolve_limits(&mut p, raw.limits.unwrap_or_default());
     let logging = resolve_logging(&mut p, raw.logging.unwrap_or_default());
 
@@ -457,7 +459,11 @@ fn resolve_store(p: &mut Problems, raw: RawStore, env: Env<'_>) -> StoreConfig {
     }
 }
 
-fn resolve_pools(p: &mut Problems, raw: OrderedMap<RawPool>) -> BTreeMap<String, PoolConfig> {
+fn resolve_pools(
+    p: &mut Problems,
+    env: Env<'_>,
+    raw: OrderedMap<RawPool>,
+) -> BTreeMap<String, PoolConfig> {
     if raw.0.is_empty() {
         p.add("pools", "at least one pool is required");
     }
@@ -474,7 +480,7 @@ fn resolve_pools(p: &mut Problems, raw: OrderedMap<RawPool>) -> BTreeMap<String,
             p.add(&key, format!("duplicate pool name {name:?}"));
             continue;
         }
-        let resolved = resolve_pool(p, &key, pool);
+        let resolved = resolve_pool(p, env, &key, pool);
         pools.insert(name, resolved);
     }
     pools
@@ -484,7 +490,10 @@ fn resolve_pools(p: &mut Problems, raw: OrderedMap<RawPool>) -> BTreeMap<String,
 /// (two failed checks), while 1 000 backends cost 200 connects/s.
 const DEFAULT_HEALTH_CHECK_INTERVAL_SECS: u64 = 5;
 
-fn resolve_pool(p: &mut Problems, key: &str, raw: RawPool) -> PoolConfig {
+fn resolve_pool(p: &mut Problems, env: Env<'_>, key: &str, raw: RawPool) -> PoolConfig {
+    let (rfb, pool_credentials) = rfb::resolve_rfb(p, env, key, raw.rfb);
+    let (clipboard, health_check) =
+        rfb::resolve_policy(p, key, rfb.mode, raw.clipboard, raw.health_check);
     if raw.backends.is_empty() {
         p.add(
             format!("{key}.backends"),
@@ -501,10 +510,20 @@ fn resolve_pool(p: &mut Problems, key: &str, raw: RawPool) -> PoolConfig {
                 format!("duplicate backend name {:?}", backend.name),
             );
         }
-        if let Some(backend) = resolve_backend(p, &key, backend) {
-            backends.push(backend);
+        let own_credentials = backend.password_env.is_some();
+        let credentials = rfb::backend_credentials(
+            p,
+            env,
+            &key,
+            backend.password_env.clone(),
+            &pool_credentials,
+        );
+        if let Some(backend) = resolve_backend(p, &key, backend, credentials) {
+            backends.push((i, backend, own_credentials));
         }
     }
+    rfb::check_backends(p, key, rfb.mode, &backends);
+    let backends = backends.into_iter().map(|(_, b, _)| b).collect();
     let interval = raw
         .health_check_interval_seconds
         .unwrap_or(DEFAULT_HEALTH_CHECK_INTERVAL_SECS);
@@ -518,10 +537,18 @@ fn resolve_pool(p: &mut Problems, key: &str, raw: RawPool) -> PoolConfig {
         backends,
         failover: raw.failover.unwrap_or(false),
         health_check_interval: (interval > 0).then(|| Duration::from_secs(interval)),
+        health_check,
+        rfb,
+        clipboard,
     }
 }
 
-fn resolve_backend(p: &mut Problems, key: &str, raw: RawBackend) -> Option<BackendConfig> {
+fn resolve_backend(
+    p: &mut Problems,
+    key: &str,
+    raw: RawBackend,
+    credentials: RfbCredentials,
+) -> Option<BackendConfig> {
     if !is_valid_name(&raw.name) {
         p.add(
             format!("{key}.name"),
@@ -574,6 +601,7 @@ fn resolve_backend(p: &mut Problems, key: &str, raw: RawBackend) -> Option<Backe
         name: raw.name,
         addr: addr?,
         protocol,
+        credentials,
     })
 }
 

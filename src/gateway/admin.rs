@@ -78,9 +78,10 @@ impl AdminApp {
         let list: Vec<_> = self
             .0
             .sessions
-            .list()
+            .live()
             .into_iter()
-            .map(|s| {
+            .map(|live| {
+                let s = live.info;
                 json!({
                     "conn_id": s.conn_id,
                     "session_id": s.session_id,
@@ -89,6 +90,8 @@ impl AdminApp {
                     "backend": s.backend,
                     "client_addr": s.client_addr.map(|a| a.to_string()),
                     "age_seconds": s.started.elapsed().as_secs(),
+                    "role": s.role.as_str(),
+                    "input_mode": if live.view_only { "view_only" } else { "interactive" },
                 })
             })
             .collect();
@@ -130,6 +133,22 @@ async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, Response<Vec<
 /// no live session tells us, a day covers any sensible token lifetime.
 const DEFAULT_REVOCATION_TTL: Duration = Duration::from_secs(24 * 3600);
 const MAX_REVOCATION_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InputModeRequest {
+    mode: InputMode,
+    /// Only this user's connections of the session; all of them when absent.
+    #[serde(default)]
+    user: Option<String>,
+}
+
+#[derive(Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+enum InputMode {
+    ViewOnly,
+    Interactive,
+}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -218,6 +237,56 @@ impl AdminApp {
         json_response(
             StatusCode::OK,
             json!({ "session_id": sid, "closed": closed }),
+        )
+    }
+
+    /// `PUT /admin/sessions/{sid}/input {"mode": "view_only"|"interactive", "user": "..."}`:
+    /// switch live connections without reconnecting them, on every replica. `connections` is
+    /// how many matched here; `broadcast` says whether the other replicas were told.
+    async fn input_mode(&self, sid: &str, body: &[u8]) -> Response<Vec<u8>> {
+        let request: InputModeRequest = match serde_json::from_slice(body) {
+            Ok(r) => r,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    &format!(
+                        "expected {{\"mode\": \"view_only\" | \"interactive\", \"user\"?: \"...\"}}: {e}"
+                    ),
+                );
+            }
+        };
+        if !crate::auth::authorize::valid_session_id(sid) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_session_id",
+                "invalid session id",
+            );
+        }
+        let view_only = request.mode == InputMode::ViewOnly;
+        let event = ControlEvent::InputMode {
+            session_id: sid.to_owned(),
+            user: request.user.clone(),
+            view_only,
+        };
+        let gw = &self.0;
+        let (matched, broadcast) = control::broadcast_checked(gw, event).await;
+        if matched == 0 && matches!(gw.router.store().get(sid).await, Ok(None)) {
+            return error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no live session with that id",
+            );
+        }
+        json_response(
+            StatusCode::OK,
+            json!({
+                "session_id": sid,
+                "user": request.user,
+                "mode": if view_only { "view_only" } else { "interactive" },
+                "connections": matched,
+                "broadcast": broadcast,
+            }),
         )
     }
 
@@ -342,6 +411,13 @@ impl AdminApp {
                             &p["/admin/backends/".len()..p.len() - "/drain".len()],
                             false,
                         )
+                    }
+                    ("PUT", p) if p.starts_with("/admin/sessions/") && p.ends_with("/input") => {
+                        let sid = p["/admin/sessions/".len()..p.len() - "/input".len()].to_owned();
+                        match read_body(session).await {
+                            Ok(body) => self.input_mode(&sid, &body).await,
+                            Err(resp) => resp,
+                        }
                     }
                     ("DELETE", p) if p.starts_with("/admin/sessions/") => {
                         self.kick(&p["/admin/sessions/".len()..]).await

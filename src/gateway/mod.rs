@@ -42,7 +42,7 @@ pub struct Gateway {
     config: ArcSwap<Config>,
     verifier: ArcSwap<Verifier>,
     pub admission: Arc<Admission>,
-    pub router: Router,
+    pub router: Arc<Router>,
     pub sessions: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     /// One certificate slot per listener (`None` for plain ones), in config order.
@@ -66,7 +66,7 @@ impl Gateway {
             config: ArcSwap::from_pointee(config),
             verifier: ArcSwap::from_pointee(verifier),
             admission,
-            router,
+            router: Arc::new(router),
             sessions: Registry::new(),
             metrics,
             tls,

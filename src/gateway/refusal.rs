@@ -26,10 +26,13 @@ pub enum ErrorCode {
     TokenRevoked,
     PoolUnknown,
     BackendNotAllowed,
+    ViewOnlyUnenforceable,
     NotFound,
     TooManySessions,
     TooManyAuthFailures,
     BackendConnectFailed,
+    BackendAuthFailed,
+    BackendProtocolError,
     BackendUnavailable,
     NoHealthyBackend,
     OverCapacity,
@@ -37,7 +40,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 23] = [
+    pub const ALL: [ErrorCode; 26] = [
         ErrorCode::BadUpgrade,
         ErrorCode::BadSessionId,
         ErrorCode::TokenMissing,
@@ -53,10 +56,13 @@ impl ErrorCode {
         ErrorCode::TokenRevoked,
         ErrorCode::PoolUnknown,
         ErrorCode::BackendNotAllowed,
+        ErrorCode::ViewOnlyUnenforceable,
         ErrorCode::NotFound,
         ErrorCode::TooManySessions,
         ErrorCode::TooManyAuthFailures,
         ErrorCode::BackendConnectFailed,
+        ErrorCode::BackendAuthFailed,
+        ErrorCode::BackendProtocolError,
         ErrorCode::BackendUnavailable,
         ErrorCode::NoHealthyBackend,
         ErrorCode::OverCapacity,
@@ -80,10 +86,13 @@ impl ErrorCode {
             ErrorCode::TokenRevoked => "token_revoked",
             ErrorCode::PoolUnknown => "pool_unknown",
             ErrorCode::BackendNotAllowed => "backend_not_allowed",
+            ErrorCode::ViewOnlyUnenforceable => "view_only_unenforceable",
             ErrorCode::NotFound => "not_found",
             ErrorCode::TooManySessions => "too_many_sessions",
             ErrorCode::TooManyAuthFailures => "too_many_auth_failures",
             ErrorCode::BackendConnectFailed => "backend_connect_failed",
+            ErrorCode::BackendAuthFailed => "backend_auth_failed",
+            ErrorCode::BackendProtocolError => "backend_protocol_error",
             ErrorCode::BackendUnavailable => "backend_unavailable",
             ErrorCode::NoHealthyBackend => "no_healthy_backend",
             ErrorCode::OverCapacity => "over_capacity",
@@ -101,10 +110,13 @@ impl ErrorCode {
             | SessionOwnedByOtherUser
             | TokenRevoked
             | PoolUnknown
-            | BackendNotAllowed => StatusCode::FORBIDDEN,
+            | BackendNotAllowed
+            | ViewOnlyUnenforceable => StatusCode::FORBIDDEN,
             NotFound => StatusCode::NOT_FOUND,
             TooManySessions | TooManyAuthFailures => StatusCode::TOO_MANY_REQUESTS,
-            BackendConnectFailed => StatusCode::BAD_GATEWAY,
+            BackendConnectFailed | BackendAuthFailed | BackendProtocolError => {
+                StatusCode::BAD_GATEWAY
+            }
             BackendUnavailable | NoHealthyBackend | OverCapacity | Draining => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -160,6 +172,7 @@ impl From<AuthError> for Refusal {
             AuthError::Revoked => ErrorCode::TokenRevoked,
             AuthError::PoolUnknown => ErrorCode::PoolUnknown,
             AuthError::BackendNotAllowed => ErrorCode::BackendNotAllowed,
+            AuthError::ViewOnlyUnenforceable(_) => ErrorCode::ViewOnlyUnenforceable,
         };
         Refusal::new(code, e.to_string())
     }
@@ -185,6 +198,7 @@ impl From<RoutingError> for Refusal {
             RoutingError::NoHealthyBackend(_) => ErrorCode::NoHealthyBackend,
             RoutingError::PoolUnknown(_) => ErrorCode::PoolUnknown,
             RoutingError::BackendNotAllowed => ErrorCode::BackendNotAllowed,
+            RoutingError::NothingToJoin => ErrorCode::NotFound,
         };
         Refusal::new(code, e.to_string())
     }

@@ -10,28 +10,28 @@ use http::StatusCode;
 use pingora_core::apps::ReusedHttpStream;
 use pingora_core::protocols::http::ServerSession;
 use pingora_http::ResponseHeader;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tracing::{Instrument, Span, field};
 
 use super::handshake::{self, Handshake};
 use super::refusal::{ErrorCode, Refusal};
 use super::{Gateway, respond};
 use crate::admission::Ticket;
+use crate::auth::claims::Share;
 use crate::auth::mint::now_unix;
 use crate::auth::{Claims, authorize, extract};
-use crate::bridge::client::{ClientSocket, Gated, TakeError};
-use crate::bridge::{self, BridgeLimits, CloseCode, Meters, Splicer, backend};
-use crate::config::{BackendConfig, BackendProtocol, OnExpiry};
-use crate::metrics::GaugeGuard;
+use crate::bridge::BridgeLimits;
+use crate::bridge::session::{self, Backend, SessionEnv, SessionSettings, SessionStart};
+use crate::config::{BackendConfig, BackendProtocol, Config, OnExpiry, RfbMode};
+use crate::rfb::handshake::{self as rfb_handshake, Credentials, HandshakeError};
+use crate::rfb::policy::Clipboard;
+use crate::rfb::transport::{Transport, WsIo};
+use crate::routing::Placement;
 use crate::routing::health::BackendSessionGuard;
-use crate::routing::{Pin, Placement};
-use crate::sessions::SessionInfo;
+use crate::sessions::Role;
 
 const BACKEND_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const CLIENT_READ_BUFFER: usize = 4 * 1024;
 /// Bytes taken along with the 101; a client has no reason to send more before the backend has
 /// spoken, and the bound keeps this loop from copying an arbitrary burst.
 const MAX_EARLY_BYTES: usize = 64 * 1024;
@@ -43,14 +43,15 @@ struct Admitted {
     claims: Claims,
     handshake: Handshake,
     placement: Placement,
-    backend: BackendConn,
-    _ticket: Ticket,
-    _backend_session: BackendSessionGuard,
+    role: Role,
+    backend: Backend,
+    held: Held,
 }
 
-enum BackendConn {
-    Tcp(TcpStream),
-    WebSocket(Box<WebSocketStream<TcpStream>>),
+/// Slots held for the session's whole life; dropping them frees the slots.
+struct Held {
+    _ticket: Ticket,
+    _backend_session: BackendSessionGuard,
 }
 
 pub async fn handle(gw: &Arc<Gateway>, session: ServerSession) -> Option<ReusedHttpStream> {
@@ -69,10 +70,69 @@ pub async fn handle(gw: &Arc<Gateway>, session: ServerSession) -> Option<ReusedH
     // runs, and inline they (and the HTTP session they hold) would add their size to the
     // future that every live session keeps for hours.
     let upgraded = Box::pin(upgrade(gw, session, client_addr).instrument(span.clone())).await?;
-    serve(gw, upgraded, conn_id, client_addr)
-        .instrument(span)
-        .await;
+    let start = session_start(gw, upgraded, conn_id, client_addr);
+    session::serve(start).instrument(span).await;
     None
+}
+
+/// What the bridge needs to run the session: nothing of the gateway itself.
+fn session_start(
+    gw: &Arc<Gateway>,
+    upgraded: Upgraded,
+    conn_id: u64,
+    client_addr: Option<SocketAddr>,
+) -> SessionStart {
+    let Upgraded {
+        stream,
+        early,
+        admitted,
+    } = upgraded;
+    let config = gw.config();
+    let limits = &config.limits;
+    let expires_in = match config.auth.on_expiry {
+        OnExpiry::Close => {
+            let deadline = admitted
+                .claims
+                .exp
+                .saturating_add(config.auth.leeway.as_secs());
+            Some(Duration::from_secs(deadline.saturating_sub(now_unix())))
+        }
+        OnExpiry::Keep => None,
+    };
+    let pool_clipboard = config
+        .pool(&admitted.placement.pool)
+        .map_or(Clipboard::None, |p| p.clipboard);
+    let clipboard = match admitted.claims.clipboard {
+        Some(claim) => pool_clipboard.narrow(claim.into()),
+        None => pool_clipboard,
+    };
+    SessionStart {
+        conn_id,
+        client_addr,
+        client: stream,
+        early,
+        pool: admitted.placement.pool.clone(),
+        backend_name: admitted.placement.backend.name.clone(),
+        claims: admitted.claims,
+        backend: admitted.backend,
+        role: admitted.role,
+        settings: SessionSettings {
+            bridge: BridgeLimits {
+                ping_interval: limits.ping_interval,
+                pong_timeout: limits.pong_timeout,
+                idle_timeout: limits.idle_timeout,
+            },
+            max_message_bytes: limits.max_message_bytes,
+            expires_in,
+            clipboard,
+        },
+        held: Box::new(admitted.held),
+        env: SessionEnv {
+            registry: Arc::clone(&gw.sessions),
+            metrics: Arc::clone(&gw.metrics),
+            router: Arc::clone(&gw.router),
+        },
+    }
 }
 
 /// A connection switched to WebSocket and admitted to its backend.
@@ -174,16 +234,50 @@ async fn admit(
     let ticket = gw.admission.admit(&claims.sub)?;
     let placement = gw.router.place(&config, &claims).await?;
     span.record("backend", placement.backend.name.as_str());
+    let role = match claims.share {
+        // Joining one's own session is not a share: the owner stays the owner.
+        Some(_) if placement.owner == claims.sub => Role::Owner,
+        Some(Share::View) => Role::View,
+        Some(Share::Control) => Role::Control,
+        None => Role::Owner,
+    };
+    let backend = match connect_backend(gw, &config, &placement).await {
+        Ok(backend) => backend,
+        Err(refusal) => {
+            gw.router
+                .release_created(claims.session_id(), &placement)
+                .await;
+            return Err(refusal);
+        }
+    };
+    let backend_session = placement.state.session_started();
+    Ok(Admitted {
+        claims,
+        handshake,
+        placement,
+        role,
+        backend,
+        held: Held {
+            _ticket: ticket,
+            _backend_session: backend_session,
+        },
+    })
+}
+
+/// Step 7: the TCP connect, and in terminate mode the RFB handshake through ServerInit.
+async fn connect_backend(
+    gw: &Arc<Gateway>,
+    config: &Config,
+    placement: &Placement,
+) -> Result<Backend, Refusal> {
+    let pool = placement.pool.as_str();
     let connect_started = Instant::now();
-    let backend = match connect(&placement.backend, config.limits.max_message_bytes).await {
-        Ok(conn) => conn,
+    let tcp = match connect_tcp(&placement.backend).await {
+        Ok(tcp) => tcp,
         Err(e) => {
             gw.router
                 .health()
                 .report_connect_failure(&placement.state, &e);
-            gw.router
-                .release_created(claims.session_id(), &placement)
-                .await;
             tracing::warn!(event = "backend_connect_failed", error = %e, "backend connect failed");
             return Err(Refusal::new(
                 ErrorCode::BackendConnectFailed,
@@ -193,20 +287,86 @@ async fn admit(
     };
     gw.metrics
         .backend_connect_duration
-        .with_label_values(&[placement.pool.as_str()])
+        .with_label_values(&[pool])
         .observe(connect_started.elapsed().as_secs_f64());
-    let backend_session = placement.state.session_started();
-    Ok(Admitted {
-        claims,
-        handshake,
-        placement,
-        backend,
-        _ticket: ticket,
-        _backend_session: backend_session,
-    })
+    let mode = config
+        .pool(pool)
+        .map_or(RfbMode::Transparent, |p| p.rfb.mode);
+    let transport = match &placement.backend.protocol {
+        BackendProtocol::Rfb => Transport::Tcp(tcp),
+        BackendProtocol::WebSocket { path } => {
+            let ws = websocket_backend(&placement.backend, tcp, path, config.limits.max_message_bytes)
+                .await
+                .map_err(|e| {
+                    tracing::warn!(event = "backend_connect_failed", error = %e, "backend connect failed");
+                    Refusal::new(ErrorCode::BackendConnectFailed, "could not connect to the backend")
+                })?;
+            match mode {
+                RfbMode::Transparent => return Ok(Backend::WebSocket(Box::new(ws))),
+                RfbMode::Terminate => Transport::WebSocket(Box::new(WsIo::new(ws))),
+            }
+        }
+    };
+    let tcp = match (transport, mode) {
+        (Transport::Tcp(tcp), RfbMode::Transparent) => return Ok(Backend::Tcp(tcp)),
+        (transport, _) => transport,
+    };
+    let started = Instant::now();
+    let tls = config.pool(pool).and_then(|p| p.rfb.tls.as_ref());
+    let creds = Credentials {
+        secrets: &placement.backend.credentials,
+        tls,
+        host: &placement.backend.addr.host,
+    };
+    match rfb_handshake::connect(tcp, &creds).await {
+        Ok(done) => {
+            gw.metrics
+                .backend_handshake_duration
+                .with_label_values(&[pool])
+                .observe(started.elapsed().as_secs_f64());
+            Ok(Backend::Rfb(done))
+        }
+        Err(e) => Err(handshake_refusal(gw, placement, e)),
+    }
 }
 
-async fn connect(backend: &BackendConfig, max_message_bytes: usize) -> Result<BackendConn, String> {
+/// A failed backend handshake as the client sees it, logged and counted for the operator.
+fn handshake_refusal(gw: &Gateway, placement: &Placement, e: HandshakeError) -> Refusal {
+    let backend = placement.backend.name.as_str();
+    match e {
+        HandshakeError::AuthFailed(_) => {
+            gw.metrics
+                .backend_auth_failures_total
+                .with_label_values(&[placement.pool.as_str(), backend])
+                .inc();
+            tracing::warn!(event = "backend_auth_failed", backend, error = %e,
+                "the backend refused the gateway's VNC credentials");
+            Refusal::new(
+                ErrorCode::BackendAuthFailed,
+                "the backend refused the gateway's credentials",
+            )
+        }
+        HandshakeError::Refused(_) | HandshakeError::Io(_) => {
+            tracing::warn!(event = "backend_connect_failed", backend, error = %e, "backend refused the connection");
+            Refusal::new(
+                ErrorCode::BackendConnectFailed,
+                "the backend refused the connection",
+            )
+        }
+        HandshakeError::NotRfb(_)
+        | HandshakeError::NoSecurityType(_)
+        | HandshakeError::Tls(_)
+        | HandshakeError::Timeout => {
+            tracing::warn!(event = "backend_protocol_error", backend, error = %e, "backend RFB handshake failed");
+            Refusal::new(
+                ErrorCode::BackendProtocolError,
+                "the backend did not complete the RFB handshake",
+            )
+        }
+    }
+}
+
+async fn connect_tcp(backend: &BackendConfig) -> Result<TcpStream, String> {
     let target = (backend.addr.host.as_str(), backend.addr.port);
     let tcp = tokio::time::timeout(BACKEND_CONNECT_TIMEOUT, TcpStream::connect(target))
         .await
@@ -214,24 +374,28 @@ async fn connect(backend: &BackendConfig, max_message_bytes: usize) -> Result<Ba
         .map_err(|e| e.to_string())?;
     // RFB is interactive: a key press must not wait for Nagle's timer.
     let _ = tcp.set_nodelay(true);
-    match &backend.protocol {
-        BackendProtocol::Rfb => Ok(BackendConn::Tcp(tcp)),
-        BackendProtocol::WebSocket { path } => {
-            let url = format!("ws://{}{}", backend.addr, path);
-            // The same limits as the client side: a backend's message is relayed as one frame,
-            // so it must not be larger than what a client may send either.
-            let config = WebSocketConfig::default()
-                .max_message_size(Some(max_message_bytes))
-                .max_frame_size(Some(max_message_bytes))
-                .write_buffer_size(0);
-            let handshake = tokio_tungstenite::client_async_with_config(url, tcp, Some(config));
-            let (ws, _) = tokio::time::timeout(BACKEND_CONNECT_TIMEOUT, handshake)
-                .await
-                .map_err(|_| "websocket handshake timed out".to_owned())?
-                .map_err(|e| e.to_string())?;
-            Ok(BackendConn::WebSocket(Box::new(ws)))
-        }
-    }
+    Ok(tcp)
+}
+
+async fn websocket_backend(
+    backend: &BackendConfig,
+    tcp: TcpStream,
+    path: &str,
+    max_message_bytes: usize,
+) -> Result<tokio_tungstenite::WebSocketStream<TcpStream>, String> {
+    let url = format!("ws://{}{}", backend.addr, path);
+    // The same limits as the client side: a backend's message is relayed as one frame, so it
+    // must not be larger than what a client may send either.
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(max_message_bytes))
+        .max_frame_size(Some(max_message_bytes))
+        .write_buffer_size(0);
+    let handshake = tokio_tungstenite::client_async_with_config(url, tcp, Some(config));
+    let (ws, _) = tokio::time::timeout(BACKEND_CONNECT_TIMEOUT, handshake)
+        .await
+        .map_err(|_| "websocket handshake timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    Ok(ws)
 }
 
 async fn refuse(
@@ -316,222 +480,4 @@ async fn switch_protocols(session: &mut ServerSession, handshake: &Handshake) ->
         }
     }
     Some(early)
-}
-
-async fn serve(
-    gw: &Arc<Gateway>,
-    upgraded: Upgraded,
-    conn_id: u64,
-    client_addr: Option<SocketAddr>,
-) {
-    let Upgraded {
-        stream,
-        early,
-        admitted,
-    } = upgraded;
-    let config = gw.config();
-    let limits = &config.limits;
-    let ws_config = WebSocketConfig::default()
-        // Client->backend traffic is input events (a few bytes each); tungstenite's 128 KiB
-        // default would be touched by its first read and cost 128 KiB per idle session. Larger
-        // messages grow the buffer as needed.
-        .read_buffer_size(CLIENT_READ_BUFFER)
-        .max_message_size(Some(limits.max_message_bytes))
-        .max_frame_size(Some(limits.max_message_bytes))
-        // Frames go out as soon as they are written: RFB is latency-bound, and the bridge
-        // already sends whole chunks.
-        .write_buffer_size(0);
-    // A plain-TCP client of a TCP backend gets the zero-copy path for bulk frames; TLS and
-    // WebSocket backends copy (their bytes are transformed on the way anyway).
-    let taken = match admitted.backend {
-        BackendConn::Tcp(_) => ClientSocket::take(stream),
-        BackendConn::WebSocket(_) => Err(TakeError::NotPlainTcp(stream)),
-    };
-    let client = match taken {
-        Ok(socket) => Client::Spliceable(socket),
-        // Handed back untouched: TLS, or a backend whose frames are re-framed anyway.
-        Err(TakeError::NotPlainTcp(stream)) => Client::Copying(stream),
-        Err(TakeError::Io(e)) => {
-            // After the 101, so the upgrade counted as ok: count the end too (1011, as a
-            // client sees a connection dropped by the gateway).
-            tracing::warn!(event = "session_failed", error = %e, "could not take over the client socket");
-            gw.metrics
-                .disconnects_total
-                .with_label_values(&[&CloseCode::Internal.as_u16().to_string()])
-                .inc();
-            return;
-        }
-    };
-    // The ticket and backend-session guard are held (by name) until the session ends.
-    let Admitted {
-        claims,
-        placement,
-        backend,
-        _ticket,
-        _backend_session,
-        ..
-    } = admitted;
-    let pool = placement.pool.as_str();
-    let sid = claims.session_id().to_owned();
-    let now = crate::routing::store::unix_ms();
-    let pin = Pin {
-        backend: placement.backend.name.clone(),
-        pool: pool.to_owned(),
-        owner: claims.sub.clone(),
-        created_at_ms: now,
-        updated_at_ms: now,
-    };
-    let (_registration, control) = gw.sessions.register(SessionInfo {
-        conn_id,
-        session_id: sid.clone(),
-        user_id: claims.sub.clone(),
-        pool: pool.to_owned(),
-        backend: placement.backend.name.clone(),
-        jti: claims.jti.clone(),
-        token_exp: claims.exp,
-        client_addr,
-        started: Instant::now(),
-        started_at_ms: now,
-    });
-    let _active = GaugeGuard::inc(gw.metrics.sessions_active.with_label_values(&[pool]));
-    tracing::info!(
-        event = "session_started",
-        view_only = claims.view_only,
-        "session started"
-    );
-    let started = Instant::now();
-    let bridge_limits = BridgeLimits {
-        ping_interval: limits.ping_interval,
-        pong_timeout: limits.pong_timeout,
-        idle_timeout: limits.idle_timeout,
-    };
-    let meters = meters(gw);
-    let outcome = {
-        let refresh = keep_pin_alive(gw, &sid, &pin);
-        let relay = async {
-            match client {
-                Client::Spliceable(socket) => {
-                    let splicer = Splicer::new(Arc::clone(&socket));
-                    let ws = websocket(Gated(socket), early, ws_config).await;
-                    relay(ws, backend, &bridge_limits, &meters, control, Some(splicer)).await
-                }
-                Client::Copying(stream) => {
-                    let ws = websocket(stream, early, ws_config).await;
-                    relay(ws, backend, &bridge_limits, &meters, control, None).await
-                }
-            }
-        };
-        let expiry = async {
-            match config.auth.on_expiry {
-                OnExpiry::Close => {
-                    let deadline = claims.exp.saturating_add(config.auth.leeway.as_secs());
-                    let left = Duration::from_secs(deadline.saturating_sub(now_unix()));
-                    gw.sessions
-                        .close_after(conn_id, left, CloseCode::TokenExpired)
-                        .await
-                }
-                OnExpiry::Keep => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            outcome = relay => outcome,
-            never = refresh => match never {},
-            never = expiry => match never {},
-        }
-    };
-    let code = outcome.end.code();
-    gw.metrics
-        .disconnects_total
-        .with_label_values(&[&code.as_u16().to_string()])
-        .inc();
-    gw.metrics
-        .session_duration
-        .with_label_values(&[pool])
-        .observe(started.elapsed().as_secs_f64());
-    // The pin outlives the session by the idle TTL from now. A store error was already logged
-    // and counted by the store; the local cache still holds the pin.
-    let _ = Box::pin(gw.router.refresh_pin(&sid, &pin)).await;
-    tracing::info!(
-        event = "session_ended",
-        close_code = code.as_u16(),
-        closed_by = match outcome.end {
-            bridge::EndReason::Client(_) => "client",
-            bridge::EndReason::Gateway(_) => "gateway",
-        },
-        bytes_in = outcome.bytes_in,
-        bytes_out = outcome.bytes_out,
-        duration_ms = started.elapsed().as_millis() as u64,
-        "session ended"
-    );
-}
-
-/// The client's connection after the 101.
-enum Client {
-    /// Plain TCP to a TCP backend: bulk frames can be spliced.
-    Spliceable(Arc<ClientSocket>),
-    /// TLS (bytes are encrypted in user space) or a WebSocket backend (frames are re-framed):
-    /// Pingora's stream, through tungstenite.
-    Copying(pingora_core::protocols::Stream),
-}
-
-async fn websocket<S>(stream: S, early: Vec<u8>, config: WebSocketConfig) -> WebSocketStream<S>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    WebSocketStream::from_partially_read(stream, early, Role::Server, Some(config)).await
-}
-
-async fn relay<S>(
-    ws: WebSocketStream<S>,
-    backend: BackendConn,
-    limits: &BridgeLimits,
-    meters: &Meters,
-    control: tokio::sync::watch::Receiver<Option<CloseCode>>,
-    splicer: Option<Splicer>,
-) -> bridge::Outcome
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-{
-    match backend {
-        BackendConn::Tcp(tcp) => {
-            let (r, w) = backend::tcp(tcp);
-            bridge::run(ws, r, w, limits, meters, control, splicer).await
-        }
-        BackendConn::WebSocket(bws) => {
-            let (r, w) = backend::websocket(*bws);
-            bridge::run(ws, r, w, limits, meters, control, splicer).await
-        }
-    }
-}
-
-/// Refresh the pin while the session lives, so a session longer than the idle TTL keeps it.
-async fn keep_pin_alive(gw: &Arc<Gateway>, sid: &str, pin: &Pin) -> std::convert::Infallible {
-    let ttl = gw.router.idle_ttl();
-    let mut tick = tokio::time::interval((ttl / 3).max(Duration::from_secs(1)));
-    tick.tick().await;
-    loop {
-        tick.tick().await;
-        // Boxed: inline, the store call's state would enlarge every live session's future.
-        let _ = Box::pin(gw.router.refresh_pin(sid, pin)).await;
-    }
-}
-
-fn meters(gw: &Gateway) -> Meters {
-    let m = &gw.metrics;
-    Meters {
-        client_to_backend_bytes: m
-            .relay_bytes_total
-            .with_label_values(&["client_to_backend"]),
-        backend_to_client_bytes: m
-            .relay_bytes_total
-            .with_label_values(&["backend_to_client"]),
-        client_to_backend_wait: m
-            .backpressure_wait_seconds_total
-            .with_label_values(&["client_to_backend"]),
-        backend_to_client_wait: m
-            .backpressure_wait_seconds_total
-            .with_label_values(&["backend_to_client"]),
-        buffered: m.relay_buffered_bytes.clone(),
-        spliced: m.relay_spliced_bytes_total.clone(),
-    }
 }

@@ -1,20 +1,29 @@
-//! Backend health: an active TCP connect check per backend, plus the live-session count per
-//! backend that least-loaded placement reads.
+//! Backend health: an active check per backend (a TCP connect, or the RFB handshake through
+//! ServerInit with the pool's credentials), plus the live-session count per backend that
+//! least-loaded placement reads.
+//!
+//! Why RFB checks by default in terminate mode: TigerVNC counts every connection that closes
+//! before authenticating against the peer's address, and a TCP check is exactly such a
+//! connection; after five of them the gateway's address (every user's) is blacklisted. A check
+//! that authenticates and closes after ServerInit is a normal, short VNC session.
 //!
 //! Why not pingora-load-balancing's `TcpHealthCheck`: placement here is by session pin and load,
 //! not by a `LoadBalancer` selection, and the per-backend session counts live next to the health
-//! bit; the check itself is one `TcpStream::connect` with a timeout.
+//! bit.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use prometheus::IntGauge;
+use arc_swap::ArcSwap;
+use prometheus::{IntCounter, IntGauge};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::config::{BackendAddr, Config};
+use crate::config::{BackendAddr, Config, HealthCheck, RfbCredentials, RfbTls};
 use crate::metrics::Metrics;
+use crate::rfb::handshake::{self, Credentials, HandshakeError, Handshaken};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Consecutive failed checks before a backend is marked down: one lost SYN should not move
@@ -28,6 +37,9 @@ pub struct BackendState {
     pub addr: BackendAddr,
     /// How often this backend's pool checks it; `None` = no active checks.
     check_interval: Option<Duration>,
+    /// What a check does; swapped by a reload (a rotated password applies to the next check).
+    probe: ArcSwap<Probe>,
+    auth_failures: IntCounter,
     up: AtomicBool,
     /// Set by `POST /admin/backends/{name}/drain`: no new pins, existing sessions continue.
     draining: AtomicBool,
@@ -89,6 +101,47 @@ impl BackendState {
     }
 }
 
+/// What one check of a backend does.
+#[derive(Debug)]
+pub enum Probe {
+    Tcp,
+    Rfb {
+        credentials: RfbCredentials,
+        tls: Option<RfbTls>,
+    },
+}
+
+impl Probe {
+    fn for_backend(config: &Config, pool: &str, backend: &crate::config::BackendConfig) -> Probe {
+        // A WebSocket-native backend's front (websockify) keeps no blacklist: a TCP check.
+        let rfb_port = backend.protocol == crate::config::BackendProtocol::Rfb;
+        match config.pool(pool) {
+            Some(p) if p.health_check == HealthCheck::Rfb && rfb_port => Probe::Rfb {
+                credentials: backend.credentials.clone(),
+                tls: p.rfb.tls.clone(),
+            },
+            _ => Probe::Tcp,
+        }
+    }
+
+    fn same_kind(&self, other: &Probe) -> bool {
+        matches!(
+            (self, other),
+            (Probe::Tcp, Probe::Tcp) | (Probe::Rfb { .. }, Probe::Rfb { .. })
+        )
+    }
+}
+
+/// How one check ended.
+enum Checked {
+    Up,
+    Down(String),
+    /// The backend wants a password the gateway does not have (the browser's user types it):
+    /// every further check would close before authenticating, which a blacklisting server
+    /// counts against the gateway. Active checks of this backend stop.
+    CannotAuthenticate,
+}
+
 pub struct BackendSessionGuard(Arc<BackendState>);
 
 impl Drop for BackendSessionGuard {
@@ -117,10 +170,14 @@ impl Health {
         for (pool_name, pool) in &config.pools {
             for b in &pool.backends {
                 let key = (pool_name.clone(), b.name.clone());
-                let kept = previous
-                    .and_then(|p| p.backends.get(&key))
-                    .filter(|s| s.addr == b.addr && s.check_interval == pool.health_check_interval);
+                let probe = Probe::for_backend(config, pool_name, b);
+                let kept = previous.and_then(|p| p.backends.get(&key)).filter(|s| {
+                    s.addr == b.addr
+                        && s.check_interval == pool.health_check_interval
+                        && s.probe.load().same_kind(&probe)
+                });
                 if let Some(state) = kept {
+                    state.probe.store(Arc::new(probe));
                     backends.insert(key, Arc::clone(state));
                     continue;
                 }
@@ -130,6 +187,10 @@ impl Health {
                     name: b.name.clone(),
                     addr: b.addr.clone(),
                     check_interval: pool.health_check_interval,
+                    probe: ArcSwap::from_pointee(probe),
+                    auth_failures: metrics
+                        .backend_auth_failures_total
+                        .with_label_values(&labels),
                     up: AtomicBool::new(true),
                     draining: AtomicBool::new(false),
                     failures: AtomicU32::new(0),
@@ -189,14 +250,59 @@ impl Health {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                let target = (backend.addr.host.as_str(), backend.addr.port);
-                match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
-                    Ok(Ok(_)) => backend.record(true, ""),
-                    Ok(Err(e)) => backend.record(false, &e.to_string()),
-                    Err(_) => backend.record(false, "connect timed out"),
+                match backend.check().await {
+                    Checked::Up => backend.record(true, ""),
+                    Checked::Down(why) => backend.record(false, &why),
+                    Checked::CannotAuthenticate => {
+                        backend.record(true, "");
+                        tracing::warn!(
+                            event = "health_check_stopped",
+                            pool = %backend.pool,
+                            backend = %backend.name,
+                            "the backend asks for a VNC password the gateway does not have: \
+                             active checks stop (they would count as failed logins); configure \
+                             rfb.password_env for authenticated checks"
+                        );
+                        return;
+                    }
                 }
             }
         });
         futures_util::future::join_all(loops).await;
+    }
+}
+
+impl BackendState {
+    async fn check(&self) -> Checked {
+        let target = (self.addr.host.as_str(), self.addr.port);
+        let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => return Checked::Down(e.to_string()),
+            Err(_) => return Checked::Down("connect timed out".into()),
+        };
+        let probe = self.probe.load_full();
+        let Probe::Rfb { credentials, tls } = probe.as_ref() else {
+            return Checked::Up;
+        };
+        let creds = Credentials {
+            secrets: credentials,
+            tls: tls.as_ref(),
+            host: &self.addr.host,
+        };
+        match handshake::connect(handshake::Transport::Tcp(tcp), &creds).await {
+            Ok(Handshaken::Ready { mut stream, .. }) => {
+                // A clean close after ServerInit: to the server, a short and normal session.
+                let _ = stream.shutdown().await;
+                Checked::Up
+            }
+            Ok(Handshaken::NeedsPassword(_)) => Checked::CannotAuthenticate,
+            Err(e @ HandshakeError::AuthFailed(_)) => {
+                self.auth_failures.inc();
+                tracing::warn!(event = "backend_auth_failed", pool = %self.pool, backend = %self.name,
+                    error = %e, "the backend refused the gateway's VNC credentials (health check)");
+                Checked::Down(e.to_string())
+            }
+            Err(e) => Checked::Down(e.to_string()),
+        }
     }
 }

@@ -38,6 +38,8 @@ pub enum RoutingError {
     PoolUnknown(String),
     #[error("the token names a different backend than the session is pinned to")]
     BackendNotAllowed,
+    #[error("no session with this id to join")]
+    NothingToJoin,
 }
 
 /// Where a session goes.
@@ -48,6 +50,8 @@ pub struct Placement {
     pub state: Arc<BackendState>,
     /// The pin, when this placement created it (a first connection).
     pub created: Option<Pin>,
+    /// The session's owner (the pin's `owner`): differs from the token's `sub` for a share.
+    pub owner: String,
 }
 
 pub struct Router {
@@ -107,12 +111,16 @@ impl Router {
         };
         let stale = existing.is_some();
         if let Some(pin) = existing {
-            if pin.owner != claims.sub {
+            if pin.owner != claims.sub && claims.share.is_none() {
                 return Err(RoutingError::OwnedByOtherUser);
             }
             if let Some(placement) = self.reuse(pool_name, pool, &pin, claims).await? {
                 return Ok(placement);
             }
+        } else if claims.share.is_some() {
+            // A share joins a session; creating one would make the viewer its owner and lock
+            // the real owner out.
+            return Err(RoutingError::NothingToJoin);
         }
         let chosen = self.choose(pool_name, pool, claims, degraded)?;
         let now = store::unix_ms();
@@ -135,7 +143,7 @@ impl Router {
             }
         };
         self.remember(sid, &held).await;
-        if held.owner != claims.sub {
+        if held.owner != claims.sub && claims.share.is_none() {
             return Err(RoutingError::OwnedByOtherUser);
         }
         if held == mine {
@@ -145,7 +153,10 @@ impl Router {
             });
         }
         if held.backend == chosen.backend.name {
-            return Ok(chosen);
+            return Ok(Placement {
+                owner: held.owner.clone(),
+                ..chosen
+            });
         }
         // A concurrent first connection claimed another backend first: follow it.
         self.reuse(pool_name, pool, &held, claims)
@@ -244,6 +255,7 @@ impl Router {
                 backend: backend.clone(),
                 state: Arc::clone(state),
                 created: None,
+                owner: pin.owner.clone(),
             }));
         }
         if !pool.failover || claims.backend.is_some() {
@@ -265,7 +277,10 @@ impl Router {
             .await;
         tracing::info!(event = "session_repinned", pool = pool_name, backend = %chosen.backend.name,
             session_id = claims.session_id(), "pinned backend {} is down; failover", backend.name);
-        Ok(Some(chosen))
+        Ok(Some(Placement {
+            owner: pin.owner.clone(),
+            ..chosen
+        }))
     }
 
     /// A healthy backend for a new session: the one the token names, else the least loaded.
@@ -310,6 +325,7 @@ impl Router {
             backend: pick.0.clone(),
             state: Arc::clone(pick.1),
             created: None,
+            owner: claims.sub.clone(),
         })
     }
 }

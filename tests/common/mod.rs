@@ -3,11 +3,14 @@
 //! sleeping. Fixtures: an in-process RFB server, an RFB-over-WebSocket client, a real Xvnc.
 #![allow(dead_code)]
 
+pub mod browser;
+pub mod desktop;
 pub mod jwks_server;
 pub mod log_tail;
 pub mod redis_server;
 pub mod rfb_client;
 pub mod rfb_server;
+pub mod x11vnc;
 pub mod xvnc;
 
 use std::net::TcpListener;
@@ -59,16 +62,58 @@ pub struct BackendSpec {
     pub name: String,
     pub addr: String,
     pub websocket_path: Option<String>,
+    /// Speaks RFB (a VNC server or the RFB fixture), as opposed to a byte fixture (flood, echo)
+    /// that only a transparent pool can relay.
+    pub speaks_rfb: bool,
+    /// The name of the environment variable with this backend's own VNC password.
+    pub password_env: Option<String>,
 }
 
 impl BackendSpec {
+    /// A VNC server (or the in-process RFB fixture): the pool terminates RFB, as by default.
     pub fn rfb(name: &str, addr: impl ToString) -> Self {
         BackendSpec {
             name: name.into(),
             addr: addr.to_string(),
             websocket_path: None,
+            speaks_rfb: true,
+            password_env: None,
         }
     }
+
+    /// A byte fixture (flood source, echo) that does not speak RFB: the pool relays bytes
+    /// untouched (`rfb.mode: transparent`) and does not health-check it, since a check's
+    /// connection would be one more stream in the fixture's digests.
+    pub fn raw(name: &str, addr: impl ToString) -> Self {
+        BackendSpec {
+            speaks_rfb: false,
+            ..BackendSpec::rfb(name, addr)
+        }
+    }
+
+    /// The right spec for an in-process fixture: RFB or raw bytes.
+    pub fn fixture(name: &str, server: &rfb_server::RfbServer) -> Self {
+        if server.speaks_rfb {
+            BackendSpec::rfb(name, server.addr)
+        } else {
+            BackendSpec::raw(name, server.addr)
+        }
+    }
+
+    pub fn with_password_env(mut self, name: &str) -> Self {
+        self.password_env = Some(name.into());
+        self
+    }
+}
+
+/// The `rfb:` section of the default pool (contract §11).
+#[derive(Default, Clone)]
+pub struct RfbSpec {
+    /// `None`: the mode follows the backends (terminate unless one of them is raw).
+    pub mode: Option<&'static str>,
+    pub password_env: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub server_name: Option<String>,
 }
 
 /// The knobs tests turn; everything else is a sensible default.
@@ -80,6 +125,11 @@ pub struct GatewayConfig {
     pub extra: String,
     /// Extra YAML keys of the `default` pool, one per line, already indented by 4 spaces.
     pub pool_extra: String,
+    pub rfb: RfbSpec,
+    /// `clipboard:` of the default pool; `None` = the default (`both`).
+    pub clipboard: Option<&'static str>,
+    /// Environment variables the gateway gets (VNC passwords named by `*_env` keys).
+    pub env: Vec<(String, String)>,
     /// The lines of the `auth:` section, indented by 2 spaces.
     pub auth: String,
     pub drain_seconds: u64,
@@ -93,14 +143,18 @@ pub struct GatewayConfig {
 
 impl GatewayConfig {
     pub fn new(backends: Vec<BackendSpec>) -> Self {
-        // Active health checks off by default: their connects would show up in the backend
-        // fixtures' connection counts and digests. Tests about health turn them on.
+        // Health checks as a user runs them (the default interval and kind): turning them off
+        // is how TigerVNC's lock-out of the gateway stayed hidden. Byte fixtures are the
+        // exception (see `BackendSpec::raw`).
         GatewayConfig {
             backends,
             tls: None,
             web_root: None,
             extra: String::new(),
-            pool_extra: "    health_check_interval_seconds: 0\n".into(),
+            pool_extra: String::new(),
+            rfb: RfbSpec::default(),
+            clipboard: None,
+            env: Vec::new(),
             auth: "  algorithms: [HS256]\n  secret_env: VNCGATE_JWT_SECRET\n".into(),
             drain_seconds: 5,
             redis_url: None,
@@ -117,10 +171,22 @@ pub fn spawn_vncgate(
     redis_url: Option<&str>,
     extra_args: &[&str],
 ) -> (Child, log_tail::LogTail) {
+    spawn_vncgate_with_env(label, config, redis_url, &[], extra_args)
+}
+
+/// [`spawn_vncgate`] with extra environment variables (VNC passwords).
+pub fn spawn_vncgate_with_env(
+    label: &str,
+    config: &std::path::Path,
+    redis_url: Option<&str>,
+    env: &[(String, String)],
+    extra_args: &[&str],
+) -> (Child, log_tail::LogTail) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_vncgate"))
         .args(["run", "--config"])
         .arg(config)
         .args(extra_args)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .env("VNCGATE_JWT_SECRET", SECRET)
         .env("VNCGATE_ADMIN_TOKEN", ADMIN_TOKEN)
         .env("VNCGATE_REDIS_URL", redis_url.unwrap_or_default())
@@ -144,7 +210,42 @@ pub struct Gateway {
     pub dir: Option<tempfile::TempDir>,
     pub config_path: PathBuf,
     redis_url: Option<String>,
+    env: Vec<(String, String)>,
     logs: log_tail::LogTail,
+}
+
+/// The default pool's keys the typed fields of [`GatewayConfig`] stand for, indented for the
+/// pool mapping.
+fn pool_section(cfg: &GatewayConfig) -> String {
+    let raw = cfg
+        .backends
+        .iter()
+        .any(|b| !b.speaks_rfb || b.websocket_path.is_some());
+    let mode = cfg
+        .rfb
+        .mode
+        .unwrap_or(if raw { "transparent" } else { "terminate" });
+    let mut rfb = vec![format!("mode: {mode}")];
+    if let Some(env) = &cfg.rfb.password_env {
+        rfb.push(format!("password_env: {env}"));
+    }
+    if let Some(ca) = &cfg.rfb.ca_file {
+        let name = cfg
+            .rfb
+            .server_name
+            .as_ref()
+            .map(|n| format!(", server_name: \"{n}\""))
+            .unwrap_or_default();
+        rfb.push(format!("tls: {{ ca_file: \"{}\"{name} }}", ca.display()));
+    }
+    let mut out = format!("    rfb: {{ {} }}\n", rfb.join(", "));
+    if let Some(clipboard) = cfg.clipboard {
+        out.push_str(&format!("    clipboard: {clipboard}\n"));
+    }
+    if cfg.backends.iter().any(|b| !b.speaks_rfb) {
+        out.push_str("    health_check_interval_seconds: 0\n");
+    }
+    out
 }
 
 impl Gateway {
@@ -154,9 +255,14 @@ impl Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut backends = String::new();
         for b in &cfg.backends {
+            let password = b
+                .password_env
+                .as_ref()
+                .map(|e| format!(", password_env: {e}"))
+                .unwrap_or_default();
             match &b.websocket_path {
                 None => backends.push_str(&format!(
-                    "      - {{ name: {}, addr: \"{}\" }}\n",
+                    "      - {{ name: {}, addr: \"{}\"{password} }}\n",
                     b.name, b.addr
                 )),
                 Some(p) => backends.push_str(&format!(
@@ -165,6 +271,7 @@ impl Gateway {
                 )),
             }
         }
+        let pool_extra = format!("{}{}", pool_section(&cfg), cfg.pool_extra);
         let listener = match &cfg.tls {
             None => format!("  - addr: \"127.0.0.1:{port}\"\n"),
             Some((cert, key)) => format!(
@@ -197,12 +304,18 @@ impl Gateway {
             drain = cfg.drain_seconds,
             d = dir.path().display(),
             extra = cfg.extra,
-            pool_extra = cfg.pool_extra,
             auth = cfg.auth,
         );
         let config_path = dir.path().join("vncgate.yaml");
         std::fs::write(&config_path, yaml).expect("write config");
-        let mut gw = Gateway::spawn(&config_path, port, admin_port, cfg.redis_url.clone(), &[]);
+        let mut gw = Gateway::spawn(
+            &config_path,
+            port,
+            admin_port,
+            cfg.redis_url.clone(),
+            &cfg.env,
+            &[],
+        );
         gw.dir = Some(dir);
         gw.wait_log(|v| v["event"] == "listening" && v["addr"] == format!("127.0.0.1:{port}"))
             .await;
@@ -222,9 +335,16 @@ impl Gateway {
         port: u16,
         admin_port: u16,
         redis_url: Option<String>,
+        env: &[(String, String)],
         extra_args: &[&str],
     ) -> Gateway {
-        let (child, logs) = spawn_vncgate("gateway", config_path, redis_url.as_deref(), extra_args);
+        let (child, logs) = spawn_vncgate_with_env(
+            "gateway",
+            config_path,
+            redis_url.as_deref(),
+            env,
+            extra_args,
+        );
         Gateway {
             child,
             port,
@@ -232,6 +352,7 @@ impl Gateway {
             dir: None,
             config_path: config_path.to_owned(),
             redis_url,
+            env: env.to_vec(),
             logs,
         }
     }
@@ -244,6 +365,7 @@ impl Gateway {
             self.port,
             self.admin_port,
             self.redis_url.clone(),
+            &self.env,
             &["--upgrade"],
         )
     }

@@ -138,6 +138,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 pub struct RfbServer {
     pub addr: SocketAddr,
+    /// Whether it speaks RFB (a gateway may terminate it) or is a byte fixture.
+    pub speaks_rfb: bool,
     stats: Arc<Stats>,
     accept_loop: JoinHandle<()>,
 }
@@ -149,10 +151,12 @@ impl RfbServer {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let stats = Arc::new(Stats::default());
+        let speaks_rfb = matches!(mode, Mode::Rfb { .. } | Mode::CloseAfterHandshake { .. });
         let mode = Arc::new(mode);
         let accept_loop = tokio::spawn(accept_loop(listener, mode, stats.clone()));
         Ok(RfbServer {
             addr,
+            speaks_rfb,
             stats,
             accept_loop,
         })

@@ -1,0 +1,375 @@
+//! One live session after the 101, from the RFB handshake with the browser (terminate mode) to
+//! the `session_ended` line: registration (so kick, revocation, drain, expiry and input-mode
+//! switches reach it), the relay, the pin kept alive, metrics and logs.
+//!
+//! The gateway hands over a [`SessionStart`] and calls [`serve`]; nothing here names the
+//! gateway, so the arrows run gateway -> bridge -> rfb.
+
+use std::any::Any;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::{Role as WsRole, WebSocketConfig};
+
+use super::client::{ClientSocket, Gated, TakeError};
+use super::filter::RfbFilters;
+use super::{BridgeLimits, CloseCode, EndReason, Meters, Outcome, Splicer, backend};
+use crate::auth::Claims;
+use crate::metrics::{GaugeGuard, Metrics};
+use crate::rfb::browser::{self, BrowserError};
+use crate::rfb::handshake::{BackendStream, Handshaken, Transport};
+use crate::rfb::policy::{Clipboard, Policy};
+use crate::routing::{Pin, Router};
+use crate::sessions::{Registry, Role, SessionInfo};
+
+const CLIENT_READ_BUFFER: usize = 4 * 1024;
+
+/// The backend connection as the gateway left it.
+pub enum Backend {
+    /// Transparent mode: raw RFB over TCP, relayed untouched.
+    Tcp(TcpStream),
+    /// Transparent mode: a WebSocket-native backend.
+    WebSocket(Box<WebSocketStream<TcpStream>>),
+    /// Terminate mode: the backend handshake is done (or waits for the browser's password).
+    Rfb(Handshaken),
+}
+
+/// Per-session settings, taken from the config when the upgrade was admitted.
+pub struct SessionSettings {
+    pub bridge: BridgeLimits,
+    pub max_message_bytes: usize,
+    /// When the token's authorization runs out; `None` = sessions outlive their token.
+    pub expires_in: Option<Duration>,
+    /// The effective clipboard policy (pool ceiling narrowed by the claim); terminate mode.
+    pub clipboard: Clipboard,
+}
+
+/// The process-wide handles a session reports to.
+pub struct SessionEnv {
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+    pub router: Arc<Router>,
+}
+
+/// Everything [`serve`] needs, built by the gateway after the 101.
+pub struct SessionStart {
+    pub conn_id: u64,
+    pub client_addr: Option<SocketAddr>,
+    pub client: pingora_core::protocols::Stream,
+    /// Bytes the client sent right behind its request.
+    pub early: Vec<u8>,
+    pub claims: Claims,
+    pub pool: String,
+    pub backend_name: String,
+    pub backend: Backend,
+    pub role: Role,
+    pub settings: SessionSettings,
+    /// Admission slots and counters held until the session ends (dropped with it).
+    pub held: Box<dyn Any + Send + Sync>,
+    pub env: SessionEnv,
+}
+
+/// Serve one session to its end.
+pub async fn serve(start: SessionStart) {
+    let SessionStart {
+        conn_id,
+        client_addr,
+        client,
+        early,
+        claims,
+        pool,
+        backend_name,
+        backend,
+        role,
+        settings,
+        held,
+        env,
+    } = start;
+    let _held = held;
+    let terminate = matches!(backend, Backend::Rfb(_));
+    let view_only = terminate && claims.starts_view_only();
+    let policy = Policy {
+        view_only,
+        clipboard: settings.clipboard,
+    };
+    let sid = claims.session_id().to_owned();
+    let now = crate::routing::store::unix_ms();
+    let pin = Pin {
+        backend: backend_name.clone(),
+        pool: pool.clone(),
+        owner: claims.sub.clone(),
+        created_at_ms: now,
+        updated_at_ms: now,
+    };
+    let (_registration, control) = env.registry.register(
+        SessionInfo {
+            conn_id,
+            session_id: sid.clone(),
+            user_id: claims.sub.clone(),
+            pool: pool.clone(),
+            backend: backend_name,
+            jti: claims.jti.clone(),
+            token_exp: claims.exp,
+            client_addr,
+            started: Instant::now(),
+            started_at_ms: now,
+            role,
+            input_switchable: terminate,
+        },
+        view_only,
+    );
+    let _active = GaugeGuard::inc(env.metrics.sessions_active.with_label_values(&[&pool]));
+    tracing::info!(
+        event = "session_started",
+        view_only,
+        role = role.as_str(),
+        rfb_mode = if terminate {
+            "terminate"
+        } else {
+            "transparent"
+        },
+        "session started"
+    );
+    let started = Instant::now();
+    let meters = Meters::new(&env.metrics);
+    let outcome = {
+        let relay = relay(
+            client,
+            early,
+            backend,
+            &settings,
+            &meters,
+            control,
+            policy,
+            &env.metrics,
+        );
+        let refresh = keep_pin_alive(&env.router, &sid, &pin);
+        let expiry = async {
+            match settings.expires_in {
+                Some(left) => {
+                    env.registry
+                        .close_after(conn_id, left, CloseCode::TokenExpired)
+                        .await
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            outcome = relay => outcome,
+            never = refresh => match never {},
+            never = expiry => match never {},
+        }
+    };
+    let code = outcome.end.code();
+    env.metrics
+        .disconnects_total
+        .with_label_values(&[&code.as_u16().to_string()])
+        .inc();
+    env.metrics
+        .session_duration
+        .with_label_values(&[&pool])
+        .observe(started.elapsed().as_secs_f64());
+    // The pin outlives the session by the idle TTL from now. A store error was already logged
+    // and counted by the store; the local cache still holds the pin.
+    let _ = Box::pin(env.router.refresh_pin(&sid, &pin)).await;
+    tracing::info!(
+        event = "session_ended",
+        close_code = code.as_u16(),
+        closed_by = match outcome.end {
+            EndReason::Client(_) => "client",
+            EndReason::Gateway(_) => "gateway",
+        },
+        bytes_in = outcome.bytes_in,
+        bytes_out = outcome.bytes_out,
+        duration_ms = started.elapsed().as_millis() as u64,
+        "session ended"
+    );
+}
+
+/// The client side, the RFB handshake with the browser where the gateway terminates RFB, and
+/// the two pumps.
+#[allow(clippy::too_many_arguments)]
+async fn relay(
+    client: pingora_core::protocols::Stream,
+    early: Vec<u8>,
+    backend: Backend,
+    settings: &SessionSettings,
+    meters: &Meters,
+    control: crate::sessions::Control,
+    policy: Policy,
+    metrics: &Metrics,
+) -> Outcome {
+    let ws_config = WebSocketConfig::default()
+        // Client->backend traffic is input events (a few bytes each); tungstenite's 128 KiB
+        // default would be touched by its first read and cost 128 KiB per idle session. Larger
+        // messages grow the buffer as needed.
+        .read_buffer_size(CLIENT_READ_BUFFER)
+        .max_message_size(Some(settings.max_message_bytes))
+        .max_frame_size(Some(settings.max_message_bytes))
+        // Frames go out as soon as they are written: RFB is latency-bound, and the bridge
+        // already sends whole chunks.
+        .write_buffer_size(0);
+    // Splicing moves backend bytes without looking at them: only where nothing needs to read
+    // the server stream (a clipboard policy that stops ServerCutText does).
+    let spliceable = match &backend {
+        Backend::Tcp(_) => true,
+        Backend::Rfb(_) => !policy.delimits_server_stream(),
+        Backend::WebSocket(_) => false,
+    };
+    let taken = if spliceable {
+        ClientSocket::take(client)
+    } else {
+        Err(TakeError::NotPlainTcp(client))
+    };
+    match taken {
+        Ok(socket) => {
+            let splicer = Splicer::new(Arc::clone(&socket));
+            let ws = websocket(Gated(socket), early, ws_config).await;
+            relay_ws(
+                ws,
+                backend,
+                settings,
+                meters,
+                control,
+                policy,
+                metrics,
+                Some(splicer),
+            )
+            .await
+        }
+        // Handed back untouched: TLS, or a backend whose bytes are re-framed or read anyway.
+        Err(TakeError::NotPlainTcp(stream)) => {
+            let ws = websocket(stream, early, ws_config).await;
+            relay_ws(
+                ws, backend, settings, meters, control, policy, metrics, None,
+            )
+            .await
+        }
+        Err(TakeError::Io(e)) => {
+            tracing::warn!(event = "session_failed", error = %e, "could not take over the client socket");
+            Outcome {
+                end: EndReason::Gateway(CloseCode::Internal),
+                bytes_in: 0,
+                bytes_out: 0,
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn relay_ws<S>(
+    mut ws: WebSocketStream<S>,
+    backend: Backend,
+    settings: &SessionSettings,
+    meters: &Meters,
+    control: crate::sessions::Control,
+    policy: Policy,
+    metrics: &Metrics,
+    splicer: Option<Splicer>,
+) -> Outcome
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let limits = &settings.bridge;
+    match backend {
+        Backend::Tcp(tcp) => {
+            let (r, w) = backend::tcp(tcp);
+            super::run(ws, r, w, limits, meters, control.close, splicer, None).await
+        }
+        Backend::WebSocket(bws) => {
+            let (r, w) = backend::websocket(*bws);
+            super::run(ws, r, w, limits, meters, control.close, splicer, None).await
+        }
+        Backend::Rfb(handshaken) => {
+            let served = match browser::serve(&mut ws, handshaken).await {
+                Ok(served) => served,
+                Err(e) => return browser_failed(ws, e).await,
+            };
+            meters.client_to_backend_bytes.inc_by(served.bytes_in);
+            meters.backend_to_client_bytes.inc_by(served.bytes_out);
+            let handshake = (served.bytes_in, served.bytes_out);
+            let filters = RfbFilters::new(
+                policy.clipboard,
+                control.view_only,
+                served.server_init.pixel_format,
+                settings.max_message_bytes,
+                served.leftover,
+                metrics,
+            );
+            let outcome = match served.backend {
+                BackendStream::Plain(Transport::Tcp(tcp)) => {
+                    let (r, w) = backend::tcp(tcp);
+                    super::run(
+                        ws,
+                        r,
+                        w,
+                        limits,
+                        meters,
+                        control.close,
+                        splicer,
+                        Some(filters),
+                    )
+                    .await
+                }
+                // TLS, or a WebSocket backend: bytes a splice cannot move untouched.
+                other => {
+                    let (r, w) = backend::stream(other);
+                    super::run(ws, r, w, limits, meters, control.close, None, Some(filters)).await
+                }
+            };
+            Outcome {
+                bytes_in: outcome.bytes_in + handshake.0,
+                bytes_out: outcome.bytes_out + handshake.1,
+                ..outcome
+            }
+        }
+    }
+}
+
+/// The browser's side of the RFB handshake failed: close with the code that says why.
+async fn browser_failed<S>(mut ws: WebSocketStream<S>, e: BrowserError) -> Outcome
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let end = match &e {
+        BrowserError::Closed => EndReason::Client(CloseCode::NoStatus),
+        BrowserError::Text => EndReason::Gateway(CloseCode::Unsupported),
+        BrowserError::Protocol(_) => EndReason::Gateway(CloseCode::PolicyViolation),
+        BrowserError::Timeout => EndReason::Gateway(CloseCode::PolicyViolation),
+        // The user typed a wrong password: the backend ended the session, as it would have
+        // without a gateway.
+        BrowserError::PasswordRefused => EndReason::Gateway(CloseCode::Normal),
+        BrowserError::Backend(_) => EndReason::Gateway(CloseCode::TryAgain),
+        BrowserError::WebSocket(_) => EndReason::Client(CloseCode::Abnormal),
+    };
+    tracing::info!(event = "rfb_handshake_failed", error = %e, "browser RFB handshake failed");
+    super::close_websocket(&mut ws, end).await;
+    Outcome {
+        end,
+        bytes_in: 0,
+        bytes_out: 0,
+    }
+}
+
+async fn websocket<S>(stream: S, early: Vec<u8>, config: WebSocketConfig) -> WebSocketStream<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    WebSocketStream::from_partially_read(stream, early, WsRole::Server, Some(config)).await
+}
+
+/// Refresh the pin while the session lives, so a session longer than the idle TTL keeps it.
+async fn keep_pin_alive(router: &Router, sid: &str, pin: &Pin) -> std::convert::Infallible {
+    let ttl = router.idle_ttl();
+    let mut tick = tokio::time::interval((ttl / 3).max(Duration::from_secs(1)));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        // Boxed: inline, the store call's state would enlarge every live session's future.
+        let _ = Box::pin(router.refresh_pin(sid, pin)).await;
+    }
+}
