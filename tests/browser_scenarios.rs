@@ -19,10 +19,10 @@ use std::sync::{Arc, Mutex};
 
 use common::browser::{
     Allowed, Context, Desk, EXCLUSIVE, Gw, GwSpec, PAGE_WAIT_MS, ROOT_POINTS, Rect, jwt, rgb, root,
-    summary, tls, wait_desktop,
+    summary, wait_desktop,
 };
 use common::redis_server::RedisServer;
-use common::rfb_client::{self, WsConnect};
+use common::rfb_client;
 use common::{free_port, now, token_with_claims};
 use serde_json::{Value, json};
 
@@ -48,10 +48,9 @@ fn sid_placed_on_desk_a(prefix: &str) -> String {
 /// next new session to desk-b.
 async fn occupy_desk_a(gw: &Gw) -> rfb_client::WsClient {
     let token = jwt("occupant", "occupant", json!({ "backend": "desk-a" }));
-    let mut c = WsConnect::new(format!("{}?token={token}", gw.ws_endpoint()));
-    c.headers.push(("Origin".into(), gw.origin()));
-    c.tls = Some(rfb_client::tls_client_config(&tls().der));
-    let (mut ws, _) = rfb_client::connect(&c).await.expect("occupant upgrade");
+    let (mut ws, _) = rfb_client::connect(&gw.ws_client(&token))
+        .await
+        .expect("occupant upgrade");
     let session = rfb_client::rfb_handshake(&mut ws)
         .await
         .expect("occupant handshake");

@@ -90,6 +90,18 @@ pub enum Scenario {
         #[arg(long)]
         backend: Option<String>,
     },
+    /// Time to the first framebuffer update, one session at a time: TCP connect, upgrade with a
+    /// fresh JWT, RFB handshake, a non-incremental FramebufferUpdateRequest for the whole
+    /// screen, the first FramebufferUpdate read whole, close (server in updates mode).
+    FirstUpdate {
+        #[arg(long)]
+        url: String,
+        /// Measured sessions, opened one after the other (after the warm-up's, not counted).
+        #[arg(long, default_value_t = 200)]
+        iterations: usize,
+        #[arg(long)]
+        backend: Option<String>,
+    },
     /// Open N sessions, hold them, and report the memory of the watched processes.
     Idle {
         #[arg(long)]
@@ -205,6 +217,24 @@ async fn run(args: &ClientArgs) -> Result<Value, String> {
             .await?;
             json!({"scenario": "upgrades", "url": redact(url), "concurrency": concurrency,
                    "seconds": seconds, "result": r})
+        }
+        Scenario::FirstUpdate {
+            url,
+            iterations,
+            backend,
+        } => {
+            let target = Target::parse(url)?;
+            let r = first_update(
+                &target,
+                minter.as_deref(),
+                backend.as_deref(),
+                *iterations,
+                warmup,
+                &mut watch,
+            )
+            .await?;
+            json!({"scenario": "first-update", "url": redact(url), "iterations": iterations,
+                   "result": r})
         }
         Scenario::Idle {
             url,
@@ -587,6 +617,134 @@ async fn upgrades(
         "session_setup_p99_us": us(setup_hist.value_at_quantile(0.99)),
         "tokens_minted": tokens.len(),
         "tokens_reused": !tokens.is_empty() && used > tokens.len(),
+        "procs": procs,
+    }))
+}
+
+/// When each step of one session's start was done, counted from the start of its TCP connect.
+struct FirstUpdateTimes {
+    /// 101 received (TCP connected, for direct TCP).
+    upgrade: Duration,
+    /// ServerInit received: the RFB handshake is done.
+    server_init: Duration,
+    /// The FramebufferUpdate header and its first rectangle's header received.
+    first_rect: Duration,
+    /// The whole first FramebufferUpdate received.
+    update: Duration,
+    update_bytes: usize,
+}
+
+/// One session: connect, upgrade, handshake, request the whole screen, read the first update.
+async fn first_update_once(target: &Target, token: Option<&str>) -> io::Result<FirstUpdateTimes> {
+    use crate::rfb::ByteStream;
+    let started = Instant::now();
+    let session = async {
+        let (mut conn, upgrade) = Conn::open(target, token, ReadSize::Bulk).await?;
+        rfb::client_handshake(&mut conn).await?;
+        let server_init = started.elapsed();
+        conn.send(&rfb::update_request(false)).await?;
+        // FramebufferUpdate: type, padding, rectangle count; then x, y, w, h, encoding.
+        let header = conn.read_exact(16).await?;
+        let first_rect = started.elapsed();
+        let rects = u16::from_be_bytes([header[2], header[3]]);
+        let encoding = i32::from_be_bytes([header[12], header[13], header[14], header[15]]);
+        if header[0] != 0 || rects != 1 || encoding != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "expected a FramebufferUpdate of one raw rectangle, got type {} with {rects} \
+                     rectangles, encoding {encoding}",
+                    header[0]
+                ),
+            ));
+        }
+        let w = u16::from_be_bytes([header[8], header[9]]) as usize;
+        let h = u16::from_be_bytes([header[10], header[11]]) as usize;
+        // The synthetic server's pixel format: 32 bits per pixel.
+        let pixels = w * h * 4;
+        conn.consume(pixels).await?;
+        let update = started.elapsed();
+        conn.close().await;
+        Ok::<_, io::Error>(FirstUpdateTimes {
+            upgrade,
+            server_init,
+            first_rect,
+            update,
+            update_bytes: 16 + pixels,
+        })
+    };
+    tokio::time::timeout(OP_TIMEOUT, session)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "first update timed out"))?
+}
+
+async fn first_update(
+    target: &Target,
+    minter: Option<&Minter>,
+    backend: Option<&str>,
+    iterations: usize,
+    warmup: Duration,
+    watch: &mut Watch,
+) -> Result<Value, String> {
+    let token = |i: usize| {
+        minter
+            .filter(|_| target.is_ws())
+            .map(|m| m.mint(i, backend))
+    };
+    // Warm-up: sessions for `warmup` (at least 5), not counted.
+    let warm_until = Instant::now() + warmup;
+    let mut i = 0;
+    while Instant::now() < warm_until || i < 5 {
+        let t = token(i);
+        first_update_once(target, t.as_deref())
+            .await
+            .map_err(|e| format!("first-update: warm-up session: {e}"))?;
+        i += 1;
+    }
+    let (mut upgrade, mut server_init, mut first_rect, mut update) =
+        (new_hist(), new_hist(), new_hist(), new_hist());
+    let (mut failed, mut first_error, mut update_bytes) = (0u64, None::<String>, 0usize);
+    watch.start();
+    let t0 = Instant::now();
+    for _ in 0..iterations {
+        // The token is minted before the session's clock starts.
+        let t = token(i);
+        i += 1;
+        match first_update_once(target, t.as_deref()).await {
+            Ok(times) => {
+                let ns = |d: Duration| (d.as_nanos() as u64).max(1);
+                let _ = upgrade.record(ns(times.upgrade));
+                let _ = server_init.record(ns(times.server_init));
+                let _ = first_rect.record(ns(times.first_rect));
+                let _ = update.record(ns(times.update));
+                update_bytes = times.update_bytes;
+            }
+            Err(e) => {
+                failed += 1;
+                first_error.get_or_insert_with(|| e.to_string());
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+    let window = t0.elapsed().as_secs_f64();
+    let procs = watch.finish(window, false);
+    let q = |h: &Histogram<u64>, q: f64| us(h.value_at_quantile(q));
+    Ok(json!({
+        "count": update.len(),
+        "failed": failed,
+        "first_error": first_error,
+        "seconds": round(window, 2),
+        "update_bytes": update_bytes,
+        "upgrade_p50_us": q(&upgrade, 0.5),
+        "upgrade_p99_us": q(&upgrade, 0.99),
+        "server_init_p50_us": q(&server_init, 0.5),
+        "server_init_p99_us": q(&server_init, 0.99),
+        "first_rect_p50_us": q(&first_rect, 0.5),
+        "first_rect_p99_us": q(&first_rect, 0.99),
+        "update_p50_us": q(&update, 0.5),
+        "update_p99_us": q(&update, 0.99),
+        "update_max_us": us(update.max()),
+        "update_mean_us": round(update.mean() / 1000.0, 1),
         "procs": procs,
     }))
 }

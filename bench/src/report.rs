@@ -17,7 +17,18 @@ pub struct ReportArgs {
     pub check: bool,
 }
 
-const PATHS: [&str; 4] = ["direct", "vncgate", "vncgate-redis", "websockify"];
+const PATHS: [&str; 5] = [
+    "direct",
+    "vncgate",
+    "vncgate-terminate",
+    "vncgate-redis",
+    "websockify",
+];
+
+/// The RFB mode A/B: `vncgate` runs its pool with `rfb.mode: transparent`, `vncgate-terminate`
+/// the same config with `mode: terminate`.
+const TRANSPARENT: &str = "vncgate";
+const TERMINATE: &str = "vncgate-terminate";
 
 struct Figure {
     scenario: &'static str,
@@ -70,6 +81,36 @@ const FIGURES: &[Figure] = &[
         scenario: "upgrades",
         pointer: "/result/upgrade_p99_us",
         name: "upgrades: connect+upgrade p99 µs",
+    },
+    Figure {
+        scenario: "first-update",
+        pointer: "/result/update_p50_us",
+        name: "first update: connect to whole update p50 µs",
+    },
+    Figure {
+        scenario: "first-update",
+        pointer: "/result/update_p99_us",
+        name: "first update: connect to whole update p99 µs",
+    },
+    Figure {
+        scenario: "first-update",
+        pointer: "/result/first_rect_p50_us",
+        name: "first update: connect to first rectangle header p50 µs",
+    },
+    Figure {
+        scenario: "first-update",
+        pointer: "/result/first_rect_p99_us",
+        name: "first update: connect to first rectangle header p99 µs",
+    },
+    Figure {
+        scenario: "first-update",
+        pointer: "/result/server_init_p50_us",
+        name: "first update: connect to ServerInit p50 µs",
+    },
+    Figure {
+        scenario: "first-update",
+        pointer: "/result/upgrade_p50_us",
+        name: "first update: connect to 101 p50 µs",
     },
     Figure {
         scenario: "idle",
@@ -429,6 +470,7 @@ pub fn main(args: ReportArgs) -> Result<(), String> {
             if pass { "pass" } else { "MISS" }
         ));
     }
+    out.push_str(&mode_ratios(&runs));
     let problems = check(&runs);
     if !problems.is_empty() {
         out.push_str("\nRuns that did not do all they were asked:\n\n");
@@ -441,6 +483,48 @@ pub fn main(args: ReportArgs) -> Result<(), String> {
         return Err(format!("check failed: {}", problems.join("; ")));
     }
     Ok(())
+}
+
+/// The terminate/transparent table: for every figure both modes measured, the ratio of the
+/// medians and the range of run-by-run ratios (run i of one against run i of the other).
+/// Empty when the run had no `vncgate-terminate` path.
+fn mode_ratios(runs: &Runs) -> String {
+    let mut rows = String::new();
+    for f in FIGURES {
+        let (Some(term), Some(transp)) = (
+            median_of(runs, f.scenario, TERMINATE, f.pointer),
+            median_of(runs, f.scenario, TRANSPARENT, f.pointer),
+        ) else {
+            continue;
+        };
+        let ra = by_run(runs, f.scenario, TERMINATE, f.pointer);
+        let rb = by_run(runs, f.scenario, TRANSPARENT, f.pointer);
+        let paired: Vec<f64> = ra
+            .iter()
+            .filter_map(|(run, x)| rb.get(run).map(|y| x / y))
+            .collect();
+        let range = match stats(&paired) {
+            Some(r) if r.n > 1 => format!("{}–{}", fmt_num(r.min), fmt_num(r.max)),
+            Some(r) => fmt_num(r.median),
+            None => "–".into(),
+        };
+        rows.push_str(&format!(
+            "| {} | {} | {} | {} | {} |\n",
+            f.name,
+            fmt_num(transp),
+            fmt_num(term),
+            fmt_num(term / transp),
+            range
+        ));
+    }
+    if rows.is_empty() {
+        return rows;
+    }
+    format!(
+        "\nRFB mode A/B (`{TRANSPARENT}` = `rfb.mode: transparent`, `{TERMINATE}` = `rfb.mode: \
+         terminate`, same config otherwise):\n\n| figure | transparent (median) | terminate \
+         (median) | terminate / transparent | per-run ratios |\n|---|---|---|---|---|\n{rows}"
+    )
 }
 
 /// Runs that did not do what they were asked: failures, dropped sessions, nothing measured.
@@ -473,6 +557,7 @@ fn check(runs: &Runs) -> Vec<String> {
                     "latency" => num("/result/count"),
                     "upgrades" => num("/result/ok"),
                     "idle" => num("/result/established"),
+                    "first-update" => num("/result/count"),
                     "fairness" => num("/result/interactive/count")
                         .zip(num("/result/bulk/mb_per_s"))
                         .map(|(a, b)| a.min(b)),
@@ -490,6 +575,35 @@ fn check(runs: &Runs) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn line(scenario: &str, label: &str, run: u64, mb: f64) -> Value {
+        serde_json::json!({"scenario": scenario, "label": label, "run": run,
+                           "result": {"mb_per_s": mb}})
+    }
+
+    #[test]
+    fn mode_ratios_pair_runs() {
+        let mut runs: Runs = BTreeMap::new();
+        for (label, mbs) in [
+            (TRANSPARENT, [100.0, 200.0, 300.0]),
+            (TERMINATE, [50.0, 200.0, 330.0]),
+        ] {
+            for (i, mb) in mbs.into_iter().enumerate() {
+                runs.entry("bulk-1".into())
+                    .or_default()
+                    .entry(label.into())
+                    .or_default()
+                    .push(line("bulk-1", label, i as u64 + 1, mb));
+            }
+        }
+        let table = mode_ratios(&runs);
+        assert!(
+            table.contains("| bulk, 1 session: MB/s | 200 | 200 | 1.00 | 0.50–1.10 |"),
+            "{table}"
+        );
+        runs.get_mut("bulk-1").unwrap().remove(TERMINATE);
+        assert!(mode_ratios(&runs).is_empty());
+    }
 
     #[test]
     fn median_and_range() {

@@ -28,24 +28,42 @@ pub fn server_init() -> Vec<u8> {
 }
 
 /// A FramebufferUpdate of exactly `total` bytes (at least 16): one raw-encoded rectangle whose
-/// pixel data fills the rest. The rectangle is `width` x `height` pixels of 4 bytes, so `total`
-/// is rounded down to 16 + a multiple of 4.
+/// pixel data fills the rest. The rectangle is `width` x `height` pixels of 4 bytes with
+/// `width` x `height` x 4 = the data length, so the message is valid RFB (a viewer or a
+/// gateway that parses it stays in step); `total` is rounded down to 16 + a multiple of 4, and
+/// further down when that pixel count has no width x height shape fitting the screen.
 pub fn framebuffer_update(total: usize) -> Vec<u8> {
-    let pixels = total.saturating_sub(16) / 4;
-    let width = pixels.clamp(1, FB_WIDTH as usize);
-    let height = pixels.div_ceil(width).max(1);
-    let data_len = pixels * 4;
+    let (width, height) = rect_shape(total.saturating_sub(16) / 4);
+    let data_len = width * height * 4;
     let mut m = Vec::with_capacity(16 + data_len);
     m.extend_from_slice(&[0, 0]); // message type 0, padding
     m.extend_from_slice(&1u16.to_be_bytes()); // one rectangle
     m.extend_from_slice(&0u16.to_be_bytes()); // x
     m.extend_from_slice(&0u16.to_be_bytes()); // y
     m.extend_from_slice(&(width as u16).to_be_bytes());
-    m.extend_from_slice(&(height.min(u16::MAX as usize) as u16).to_be_bytes());
+    m.extend_from_slice(&(height as u16).to_be_bytes());
     m.extend_from_slice(&0i32.to_be_bytes()); // raw encoding
     // A gradient rather than zeros, so nothing along the way can shortcut the copy.
     m.extend((0..data_len).map(|i| (i % 251) as u8));
     m
+}
+
+/// width x height = `pixels` exactly, width at most the screen's, height as small as that
+/// allows; when no such shape fits the screen, the largest full rows that do.
+fn rect_shape(pixels: usize) -> (usize, usize) {
+    let max_w = FB_WIDTH as usize;
+    let max_h = FB_HEIGHT as usize;
+    if pixels == 0 {
+        return (0, 0);
+    }
+    let exact = (pixels.div_ceil(max_w)..=max_h.min(pixels)).find(|h| pixels % h == 0);
+    match exact {
+        Some(h) => (pixels / h, h),
+        None => {
+            let w = pixels.min(max_w);
+            (w, (pixels / w).min(max_h))
+        }
+    }
 }
 
 /// FramebufferUpdateRequest for the whole screen (what a viewer sends after ServerInit).
@@ -56,6 +74,34 @@ pub fn update_request(incremental: bool) -> [u8; 10] {
     m[6..8].copy_from_slice(&FB_WIDTH.to_be_bytes());
     m[8..10].copy_from_slice(&FB_HEIGHT.to_be_bytes());
     m
+}
+
+/// Whether the client messages in `buf` (from the first byte after ClientInit) reach a
+/// FramebufferUpdateRequest; `Ok(false)` while more bytes are needed to tell.
+pub fn first_update_request(buf: &[u8]) -> io::Result<bool> {
+    let mut at = 0;
+    while let Some(&kind) = buf.get(at) {
+        let rest = &buf[at..];
+        let len = match kind {
+            0 => 20, // SetPixelFormat
+            2 => match rest.get(2..4) {
+                // SetEncodings: 4 + 4 per encoding
+                Some(n) => 4 + 4 * u16::from_be_bytes([n[0], n[1]]) as usize,
+                None => return Ok(false),
+            },
+            3 => return Ok(rest.len() >= 10), // FramebufferUpdateRequest
+            4 => 8,                           // KeyEvent
+            5 => 6,                           // PointerEvent
+            6 => match rest.get(4..8) {
+                // ClientCutText: 8 + the text
+                Some(n) => 8 + u32::from_be_bytes([n[0], n[1], n[2], n[3]]) as usize,
+                None => return Ok(false),
+            },
+            other => return Err(bad(&format!("unexpected client message type {other}"))),
+        };
+        at += len;
+    }
+    Ok(false)
 }
 
 fn bad(what: &str) -> io::Error {
@@ -133,7 +179,26 @@ mod tests {
             let m = framebuffer_update(total);
             assert_eq!(m.len(), total);
             assert_eq!(m[0], 0);
+            let w = u16::from_be_bytes([m[8], m[9]]) as usize;
+            let h = u16::from_be_bytes([m[10], m[11]]) as usize;
+            assert_eq!(16 + w * h * 4, total, "{total}: {w}x{h}");
+            assert!(w <= FB_WIDTH as usize && h <= FB_HEIGHT as usize);
         }
+    }
+
+    #[test]
+    fn finds_the_first_update_request() {
+        let req = update_request(false);
+        assert!(first_update_request(&req).unwrap());
+        assert!(!first_update_request(&req[..9]).unwrap());
+        assert!(!first_update_request(&[]).unwrap());
+        // SetEncodings with two encodings, a KeyEvent, then the request.
+        let mut m = vec![2, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 1];
+        m.extend_from_slice(&[4, 1, 0, 0, 0, 0, 0xff, 0x0d]);
+        assert!(!first_update_request(&m).unwrap());
+        m.extend_from_slice(&req);
+        assert!(first_update_request(&m).unwrap());
+        assert!(first_update_request(&[99]).is_err());
     }
 
     #[test]

@@ -13,7 +13,8 @@ use crate::rfb;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Mode {
-    /// Push FramebufferUpdate-like messages of --update-bytes at --rate per second.
+    /// After the client's first FramebufferUpdateRequest, push FramebufferUpdate messages of
+    /// --update-bytes at --rate per second.
     Updates,
     /// Send back every byte the client sends.
     Echo,
@@ -97,9 +98,26 @@ async fn session(
             }
         }
         Mode::Updates => {
+            // Like a real server, nothing is sent before the viewer's first
+            // FramebufferUpdateRequest (a health check that only does the handshake gets no
+            // updates; time to the first update includes the request's trip through the path).
+            let mut buf = vec![0u8; 4096];
+            let mut pending = Vec::new();
+            loop {
+                let n = stream.read(&mut buf).await?;
+                if n == 0 {
+                    return Ok(());
+                }
+                pending.extend_from_slice(&buf[..n]);
+                match rfb::first_update_request(&pending) {
+                    Ok(true) => break,
+                    Ok(false) => {}
+                    Err(e) => return Err(e),
+                }
+            }
             let (mut r, mut w) = stream.into_split();
-            // Client messages (update requests, input) are read and ignored; the updates are
-            // pushed regardless, like a server with ContinuousUpdates.
+            // From then on, client messages (update requests, input) are read and ignored; the
+            // updates are pushed regardless, like a server with ContinuousUpdates.
             let drain = async move {
                 let mut buf = vec![0u8; 4096];
                 loop {

@@ -14,6 +14,7 @@ use serde::Deserialize;
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
+use super::refusal::ErrorCode;
 use super::{Gateway, respond};
 use crate::auth::mint::now_unix;
 use crate::control::{self, ControlEvent};
@@ -31,8 +32,12 @@ fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Vec<u8
         .unwrap_or_default()
 }
 
-fn error(status: StatusCode, code: &str, message: &str) -> Response<Vec<u8>> {
-    json_response(status, json!({ "error": code, "message": message }))
+/// A refusal from the one table both listeners use.
+fn error(code: ErrorCode, message: &str) -> Response<Vec<u8>> {
+    json_response(
+        code.status(),
+        json!({ "error": code.as_str(), "message": message }),
+    )
 }
 
 impl AdminApp {
@@ -109,21 +114,13 @@ async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, Response<Vec<
         match session.read_request_body().await {
             Ok(Some(chunk)) => {
                 if body.len() + chunk.len() > MAX_ADMIN_BODY {
-                    return Err(error(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "bad_request",
-                        "body too large",
-                    ));
+                    return Err(error(ErrorCode::BodyTooLarge, "body too large"));
                 }
                 body.extend_from_slice(&chunk);
             }
             Ok(None) => return Ok(body),
             Err(_) => {
-                return Err(error(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    "could not read the body",
-                ));
+                return Err(error(ErrorCode::BadRequest, "could not read the body"));
             }
         }
     }
@@ -188,11 +185,7 @@ impl AdminApp {
         let health = self.0.router.health();
         let matched: Vec<_> = health.all().filter(|b| b.name == name).collect();
         if matched.is_empty() {
-            return error(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                "no backend with that name",
-            );
+            return error(ErrorCode::NotFound, "no backend with that name");
         }
         for b in &matched {
             b.set_draining(draining);
@@ -222,11 +215,7 @@ impl AdminApp {
         )
         .await;
         if closed == 0 && matches!(gw.router.store().get(sid).await, Ok(None)) {
-            return error(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                "no live session with that id",
-            );
+            return error(ErrorCode::NotFound, "no live session with that id");
         }
         tracing::info!(
             event = "session_kicked",
@@ -248,8 +237,7 @@ impl AdminApp {
             Ok(r) => r,
             Err(e) => {
                 return error(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
+                    ErrorCode::BadRequest,
                     &format!(
                         "expected {{\"mode\": \"view_only\" | \"interactive\", \"user\"?: \"...\"}}: {e}"
                     ),
@@ -257,11 +245,7 @@ impl AdminApp {
             }
         };
         if !crate::auth::authorize::valid_session_id(sid) {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "bad_session_id",
-                "invalid session id",
-            );
+            return error(ErrorCode::BadSessionId, "invalid session id");
         }
         let view_only = request.mode == InputMode::ViewOnly;
         let event = ControlEvent::InputMode {
@@ -272,11 +256,7 @@ impl AdminApp {
         let gw = &self.0;
         let (matched, broadcast) = control::broadcast_checked(gw, event).await;
         if matched == 0 && matches!(gw.router.store().get(sid).await, Ok(None)) {
-            return error(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                "no live session with that id",
-            );
+            return error(ErrorCode::NotFound, "no live session with that id");
         }
         json_response(
             StatusCode::OK,
@@ -297,18 +277,13 @@ impl AdminApp {
             Ok(r) => r,
             Err(e) => {
                 return error(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
+                    ErrorCode::BadRequest,
                     &format!("expected {{\"jti\": \"...\"}}: {e}"),
                 );
             }
         };
         if request.jti.is_empty() || request.jti.len() > 256 {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                "jti must be 1 to 256 bytes",
-            );
+            return error(ErrorCode::BadRequest, "jti must be 1 to 256 bytes");
         }
         let gw = &self.0;
         let live_exp = gw
@@ -335,10 +310,11 @@ impl AdminApp {
         let closed = control::broadcast(gw, event).await;
         if let Err(e) = stored {
             tracing::warn!(event = "store_error", op = "revoke", error = %e, "revocation not stored");
+            let code = ErrorCode::StoreUnavailable;
             return json_response(
-                StatusCode::SERVICE_UNAVAILABLE,
+                code.status(),
                 json!({
-                    "error": "store_unavailable",
+                    "error": code.as_str(),
                     "message": "revoked on this replica only: the session store is unreachable",
                     "closed": closed,
                 }),
@@ -395,8 +371,7 @@ impl AdminApp {
             (_, p) if p.starts_with("/admin/") => {
                 if !self.authorized(session) {
                     return error(
-                        StatusCode::UNAUTHORIZED,
-                        "unauthorized",
+                        ErrorCode::Unauthorized,
                         "admin endpoints need the admin bearer token",
                     );
                 }
@@ -426,10 +401,10 @@ impl AdminApp {
                         Ok(body) => self.revoke(&body).await,
                         Err(resp) => resp,
                     },
-                    _ => error(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint"),
+                    _ => error(ErrorCode::NotFound, "no such admin endpoint"),
                 }
             }
-            _ => error(StatusCode::NOT_FOUND, "not_found", "no such path"),
+            _ => error(ErrorCode::NotFound, "no such path"),
         }
     }
 }

@@ -1,6 +1,7 @@
-//! The one table from "why this upgrade was refused" to the contract's HTTP status and error
-//! code (§5). Modules return their own typed errors; they are turned into a [`Refusal`] here and
-//! nowhere else, so a code cannot drift between two call sites.
+//! The one table from "why this request was refused" to the HTTP status and error code, for
+//! both listeners: the contract's upgrade codes (§5) and the admin API's own few. Modules
+//! return their own typed errors; they are turned into a [`Refusal`] here and nowhere else, so
+//! a code cannot drift between two call sites.
 
 use http::StatusCode;
 
@@ -37,9 +38,19 @@ pub enum ErrorCode {
     NoHealthyBackend,
     OverCapacity,
     Draining,
+    // The admin listener's codes (not upgrade results: outside `ALL`).
+    /// `/admin/*` without the admin bearer token.
+    Unauthorized,
+    /// A malformed admin request body.
+    BadRequest,
+    /// An admin request body above its bound.
+    BodyTooLarge,
+    /// The admin action happened on this replica only: the store did not take it.
+    StoreUnavailable,
 }
 
 impl ErrorCode {
+    /// Every upgrade refusal of contract §5 (the label values of `vncgate_upgrades_total`).
     pub const ALL: [ErrorCode; 26] = [
         ErrorCode::BadUpgrade,
         ErrorCode::BadSessionId,
@@ -97,13 +108,18 @@ impl ErrorCode {
             ErrorCode::NoHealthyBackend => "no_healthy_backend",
             ErrorCode::OverCapacity => "over_capacity",
             ErrorCode::Draining => "draining",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::BadRequest | ErrorCode::BodyTooLarge => "bad_request",
+            ErrorCode::StoreUnavailable => "store_unavailable",
         }
     }
 
     pub fn status(self) -> StatusCode {
         use ErrorCode::*;
         match self {
-            BadUpgrade | BadSessionId => StatusCode::BAD_REQUEST,
+            BadUpgrade | BadSessionId | BadRequest => StatusCode::BAD_REQUEST,
+            Unauthorized => StatusCode::UNAUTHORIZED,
+            BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             TokenMissing | TokenMalformed | TokenSignature | TokenExpired | TokenNotYetValid
             | TokenIssuer | TokenAudience | TokenAlgorithm => StatusCode::UNAUTHORIZED,
             OriginDenied
@@ -117,7 +133,7 @@ impl ErrorCode {
             BackendConnectFailed | BackendAuthFailed | BackendProtocolError => {
                 StatusCode::BAD_GATEWAY
             }
-            BackendUnavailable | NoHealthyBackend | OverCapacity | Draining => {
+            BackendUnavailable | NoHealthyBackend | OverCapacity | Draining | StoreUnavailable => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
         }

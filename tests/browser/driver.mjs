@@ -13,7 +13,8 @@
 import { createInterface } from 'node:readline';
 import {
     launchChromium, redact, pageSnapshot, pageStateReached, pageFbToClient, pageColorAt,
-    pageRegionHash, pageInked, measureKeyLatency, measureXChangeLatency,
+    pageRegionHash, pageInked, measureKeyLatency, measureXChangeLatency, pageRecordRfbEvents,
+    pageEventSeen,
 } from './lib.mjs';
 
 // Extra Chromium flags: `evil.test` resolves to loopback, so a scenario can load the viewer from
@@ -79,6 +80,7 @@ const commands = {
         const c = contexts.get(ctx);
         if (!c) throw new Error(`no context ${ctx}`);
         const page = await c.newPage();
+        await page.addInitScript(pageRecordRfbEvents);
         const id = nextId++;
         const entry = { page, name, ctx, log: [] };
         page.on('console', (msg) => {
@@ -171,6 +173,45 @@ const commands = {
 
     async screenshot(args) {
         await pageOf(args).page.screenshot({ path: args.path, timeout: 10000 });
+        return null;
+    },
+
+    // The RFB events recorded in the page (pageRecordRfbEvents), in order.
+    async events(args) {
+        return pageOf(args).page.evaluate(() => window.__vgEvents || []);
+    },
+
+    // args: { type, text?, from?, timeoutMs }: waits until such an event was recorded.
+    async waitEvent(args) {
+        const { page } = pageOf(args);
+        return pollRaf(page, pageEventSeen, { type: args.type, text: args.text, from: args.from ?? 0 }, args.timeoutMs);
+    },
+
+    // What the viewer does with text for the remote clipboard: RFB.clipboardPasteFrom.
+    async clipboardPaste(args) {
+        await pageOf(args).page.evaluate((text) => {
+            const vg = window.vncgate;
+            if (!vg || !vg.rfb || vg.state !== 'connected') throw new Error('viewer not connected');
+            vg.rfb.clipboardPasteFrom(text);
+        }, args.text);
+        return null;
+    },
+
+    // The page's document (serialized DOM, as it is now), URL and title.
+    async content(args) {
+        const { page } = pageOf(args);
+        return { html: await page.content(), url: page.url(), title: await page.title() };
+    },
+
+    // The viewer's credentials form: waits until it is shown, types args.password into it (a
+    // real keyboard, as a user would) and submits it with its button.
+    async submitPassword(args) {
+        const { page } = pageOf(args);
+        const field = page.locator('#cred-password');
+        await field.waitFor({ state: 'visible', timeout: args.timeoutMs });
+        await field.click();
+        await page.keyboard.type(args.password);
+        await page.locator('#creds button[type=submit]').click();
         return null;
     },
 

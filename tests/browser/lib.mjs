@@ -109,6 +109,63 @@ export function pageStateReached(spec) {
     return { unexpected: `unknown state ${spec.state}` };
 }
 
+/// An init script (runs in every document before the page's own scripts): records the events of
+/// every noVNC RFB object the viewer creates in `window.__vgEvents`, as
+/// `{ type, at, text?, types?, status?, reason? }` (`at`: performance.now()). The viewer assigns
+/// `window.vncgate` once and then `vncgate.rfb` right after constructing each RFB, before any
+/// network event can fire, so accessors on those two properties attach the listeners in time:
+/// an event such as `credentialsrequired` cannot be missed, nor happen unseen. Observes only.
+export function pageRecordRfbEvents() {
+    const TYPES = ['connect', 'disconnect', 'credentialsrequired', 'securityfailure', 'clipboard', 'desktopname'];
+    window.__vgEvents = [];
+    const attach = (rfb) => {
+        for (const type of TYPES) {
+            rfb.addEventListener(type, (e) => {
+                const d = e.detail || {};
+                const rec = { type, at: performance.now() };
+                if (type === 'clipboard') rec.text = d.text;
+                if (type === 'credentialsrequired') rec.types = d.types || null;
+                if (type === 'securityfailure') { rec.status = d.status; rec.reason = d.reason ?? null; }
+                if (type === 'disconnect') rec.clean = !!d.clean;
+                if (type === 'desktopname') rec.name = d.name;
+                window.__vgEvents.push(rec);
+            });
+        }
+    };
+    let vg;
+    Object.defineProperty(window, 'vncgate', {
+        configurable: true,
+        enumerable: true,
+        get() { return vg; },
+        set(v) {
+            vg = v;
+            if (!v || typeof v !== 'object') return;
+            let rfb = v.rfb ?? null;
+            if (rfb) attach(rfb);
+            Object.defineProperty(v, 'rfb', {
+                configurable: true,
+                enumerable: true,
+                get() { return rfb; },
+                set(r) {
+                    rfb = r;
+                    if (r) attach(r);
+                },
+            });
+        },
+    });
+}
+
+/// Polled per animation frame: the first recorded RFB event of `type` (with `text`, when given)
+/// at or after index `from`, or false.
+export function pageEventSeen({ type, text, from = 0 }) {
+    const evs = window.__vgEvents || [];
+    for (let i = from; i < evs.length; i++) {
+        const e = evs[i];
+        if (e.type === type && (text === undefined || text === null || e.text === text)) return { index: i, ...e };
+    }
+    return false;
+}
+
 /// Framebuffer coordinates -> CSS pixel coordinates of the page (the canvas backing store is
 /// framebuffer-sized; scaleViewport scales it with CSS). Integer page coordinates, and the
 /// framebuffer pixel noVNC will compute for them (its clientToElement + absX: truncation).

@@ -29,6 +29,7 @@ use tokio::sync::{RwLock, oneshot};
 
 use super::log_tail::LogTail;
 use super::redis_server::RedisServer;
+use super::rfb_client::{self, WsConnect};
 use super::xvnc::Xvnc;
 use super::{
     ADMIN_TOKEN, EVENT_TIMEOUT, RfbSpec, free_port, http_get, http_request, now,
@@ -358,6 +359,49 @@ impl Page {
         self.call("screenshot", json!({ "path": path })).await;
     }
 
+    /// Every console message and page error so far (`[{type, text}]`, tokens redacted, each
+    /// text cut at 1000 characters).
+    pub async fn console_log(&self) -> Vec<Value> {
+        let v = self.call("consoleLog", json!({})).await;
+        v.as_array().expect("console log").clone()
+    }
+
+    /// The noVNC events recorded in the page so far (see `pageRecordRfbEvents` in lib.mjs):
+    /// `[{type, at, text?, ...}]`.
+    pub async fn events(&self) -> Vec<Value> {
+        let v = self.call("events", json!({})).await;
+        v.as_array().expect("events").clone()
+    }
+
+    /// Waits (per animation frame) for a recorded noVNC event of `type`, with `text` when given,
+    /// at index `from` or later; returns it (with its `index`).
+    pub async fn wait_event(&self, kind: &str, text: Option<&str>, from: usize) -> Value {
+        self.call(
+            "waitEvent",
+            json!({ "type": kind, "text": text, "from": from, "timeoutMs": PAGE_WAIT_MS }),
+        )
+        .await
+    }
+
+    /// `RFB.clipboardPasteFrom(text)`: the page puts `text` on the remote clipboard.
+    pub async fn clipboard_paste(&self, text: &str) {
+        self.call("clipboardPaste", json!({ "text": text })).await;
+    }
+
+    /// The serialized DOM, the URL and the title of the page as they are now.
+    pub async fn content(&self) -> Value {
+        self.call("content", json!({})).await
+    }
+
+    /// Waits for the viewer's credentials form, types `password` into it and submits it.
+    pub async fn submit_password(&self, password: &str) {
+        self.call(
+            "submitPassword",
+            json!({ "password": password, "timeoutMs": PAGE_WAIT_MS }),
+        )
+        .await;
+    }
+
     /// Fails on any page error or console error that is not in `allowed`; returns the allowed
     /// ones that appeared.
     pub async fn assert_clean_console(&self, allowed: &[Allowed]) -> Vec<String> {
@@ -635,6 +679,15 @@ impl Gw {
         format!("wss://127.0.0.1:{}/websockify", self.port)
     }
 
+    /// A non-browser WebSocket client for this gateway as a page from its origin would connect:
+    /// wss:// trusting the gateway's certificate, the page's Origin, the token in the query.
+    pub fn ws_client(&self, token: &str) -> WsConnect {
+        let mut c = WsConnect::new(format!("{}?token={token}", self.ws_endpoint()));
+        c.headers.push(("Origin".into(), self.origin()));
+        c.tls = Some(rfb_client::tls_client_config(&tls().der));
+        c
+    }
+
     /// SIGTERM, then wait for the exit (drain_seconds is 0: live sessions get 1001 at once).
     pub async fn stop(&mut self) {
         // SAFETY: kill(2) on our own child, which has not been reaped yet.
@@ -822,15 +875,21 @@ pub fn shell_vars(text: &str) -> HashMap<String, String> {
 }
 
 /// Polls a condition outside the browser (a file, the X pointer) until it holds.
-pub async fn poll<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + EVENT_TIMEOUT;
+pub async fn poll<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
+    poll_within(what, EVENT_TIMEOUT, f).await
+}
+
+/// [`poll`] with another bound, for what legitimately takes longer than [`EVENT_TIMEOUT`] (e.g.
+/// a minute of once-a-second health checks).
+pub async fn poll_within<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
     loop {
         if let Some(v) = f() {
             return v;
         }
         assert!(
             Instant::now() < deadline,
-            "{what}: not reached within {EVENT_TIMEOUT:?}"
+            "{what}: not reached within {limit:?}"
         );
         tokio::time::sleep(POLL_EVERY).await;
     }
