@@ -465,20 +465,24 @@ fn classify_read_error(e: &WsError) -> EndReason {
     }
 }
 
+/// The close frame the gateway sends for `end`, when it sends one (1005/1006 never are).
+fn close_frame(end: EndReason) -> Option<CloseFrame> {
+    match end {
+        EndReason::Gateway(code) if code.is_sendable() => Some(CloseFrame {
+            code: code.as_u16().into(),
+            reason: code.reason().into(),
+        }),
+        _ => None,
+    }
+}
+
 /// Close a WebSocket that never reached the pumps (the browser's RFB handshake failed).
 pub(crate) async fn close_websocket<S>(ws: &mut WebSocketStream<S>, end: EndReason)
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    match end {
-        EndReason::Gateway(code) if code.is_sendable() => {
-            let frame = CloseFrame {
-                code: code.as_u16().into(),
-                reason: code.reason().into(),
-            };
-            let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, ws.close(Some(frame))).await;
-        }
-        _ => {}
+    if let Some(frame) = close_frame(end) {
+        let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, ws.close(Some(frame))).await;
     }
 }
 
@@ -491,12 +495,8 @@ async fn finish<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    match end {
-        EndReason::Gateway(code) if code.is_sendable() => {
-            let frame = CloseFrame {
-                code: code.as_u16().into(),
-                reason: code.reason().into(),
-            };
+    match (close_frame(end), end) {
+        (Some(frame), _) => {
             let closing = async {
                 if sink.send(Message::Close(Some(frame))).await.is_err() {
                     return;
@@ -509,8 +509,8 @@ async fn finish<S>(
             };
             let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, closing).await;
         }
-        EndReason::Client(CloseCode::Abnormal) => {}
-        _ => {
+        (None, EndReason::Client(CloseCode::Abnormal)) => {}
+        (None, _) => {
             let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, sink.close()).await;
         }
     }

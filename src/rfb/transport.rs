@@ -91,42 +91,53 @@ impl AsyncWrite for WsIo {
     }
 }
 
-impl AsyncRead for Transport {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Transport::Tcp(s) => Pin::new(s).poll_read(cx, buf),
-            Transport::WebSocket(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+/// `AsyncRead`/`AsyncWrite` for an enum whose every variant holds a (boxed or plain) stream:
+/// each call goes to the variant's stream.
+macro_rules! delegate_io {
+    ($ty:ident { $($variant:ident),+ }) => {
+        impl tokio::io::AsyncRead for $ty {
+            fn poll_read(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                buf: &mut tokio::io::ReadBuf<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                match self.get_mut() {
+                    $($ty::$variant(s) => std::pin::Pin::new(&mut *s).poll_read(cx, buf),)+
+                }
+            }
         }
-    }
+
+        impl tokio::io::AsyncWrite for $ty {
+            fn poll_write(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                buf: &[u8],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                match self.get_mut() {
+                    $($ty::$variant(s) => std::pin::Pin::new(&mut *s).poll_write(cx, buf),)+
+                }
+            }
+
+            fn poll_flush(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                match self.get_mut() {
+                    $($ty::$variant(s) => std::pin::Pin::new(&mut *s).poll_flush(cx),)+
+                }
+            }
+
+            fn poll_shutdown(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                match self.get_mut() {
+                    $($ty::$variant(s) => std::pin::Pin::new(&mut *s).poll_shutdown(cx),)+
+                }
+            }
+        }
+    };
 }
+pub(crate) use delegate_io;
 
-impl AsyncWrite for Transport {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Transport::Tcp(s) => Pin::new(s).poll_write(cx, buf),
-            Transport::WebSocket(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Transport::Tcp(s) => Pin::new(s).poll_flush(cx),
-            Transport::WebSocket(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Transport::Tcp(s) => Pin::new(s).poll_shutdown(cx),
-            Transport::WebSocket(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
+delegate_io!(Transport { Tcp, WebSocket });
