@@ -56,7 +56,7 @@ fn rect_shape(pixels: usize) -> (usize, usize) {
     if pixels == 0 {
         return (0, 0);
     }
-    let exact = (pixels.div_ceil(max_w)..=max_h.min(pixels)).find(|h| pixels % h == 0);
+    let exact = (pixels.div_ceil(max_w)..=max_h.min(pixels)).find(|h| pixels.is_multiple_of(*h));
     match exact {
         Some(h) => (pixels / h, h),
         None => {
