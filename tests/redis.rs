@@ -288,3 +288,44 @@ async fn gateway_starts_and_serves_while_redis_is_down() {
         "the live session's pin was written back"
     );
 }
+
+/// The input-mode switch travels like a kick: asked on one replica, applied to a connection that
+/// lives on the other, without a reconnect.
+#[tokio::test]
+async fn input_mode_switch_reaches_a_connection_on_the_other_replica() {
+    let redis = RedisServer::start().await.expect("redis");
+    let desks = desks(1).await;
+    let (a, b) = replicas(&desks, &redis).await;
+    let _alice = open(&a, &jwt("alice", "watched", None)).await;
+    let viewer = common::token_with_claims(
+        &json!({ "sub": "bob", "sid": "watched", "exp": now() + 600, "share": "view" }),
+    );
+    let _bob = open(&b, &viewer).await;
+
+    let (status, body) = a
+        .admin(
+            "PUT",
+            "/admin/sessions/watched/input",
+            r#"{"mode":"interactive","user":"bob"}"#,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(answer["broadcast"], true, "{body}");
+    assert_eq!(answer["connections"], 0, "bob's connection lives on B");
+    let changed = b
+        .wait_log(|v| v["event"] == "input_mode_changed" && v["user_id"] == "bob")
+        .await;
+    assert_eq!(changed["mode"], "interactive");
+    let (_, sessions) = b.admin("GET", "/admin/sessions", "").await;
+    let sessions: serde_json::Value = serde_json::from_str(&sessions).expect("json");
+    let bob = &sessions["sessions"][0];
+    assert_eq!(
+        (
+            bob["user_id"].as_str(),
+            bob["role"].as_str(),
+            bob["input_mode"].as_str()
+        ),
+        (Some("bob"), Some("view"), Some("interactive"))
+    );
+}
