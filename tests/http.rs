@@ -189,3 +189,26 @@ async fn log_lines_are_one_json_object_each_with_the_contract_fields() {
         assert!(!line.contains(jwt), "token in a log line: {line}");
     }
 }
+
+/// Admin paths that are their own prefix and suffix (`/admin/backends/drain`) once panicked the
+/// handler, which dropped the connection without an answer.
+#[tokio::test]
+async fn admin_paths_without_a_name_are_404_not_a_dropped_connection() {
+    let backend = RfbServer::start(Mode::Echo).await.expect("fixture");
+    let gw = Gateway::start(GatewayConfig::new(vec![BackendSpec::fixture(
+        "desk", &backend,
+    )]))
+    .await;
+    for (method, path, body) in [
+        ("POST", "/admin/backends/drain", ""),
+        ("DELETE", "/admin/backends/drain", ""),
+        ("PUT", "/admin/sessions/input", r#"{"mode":"view_only"}"#),
+        ("DELETE", "/admin/sessions/", ""),
+    ] {
+        let (status, answer) = gw.admin(method, path, body).await;
+        assert_eq!(status, 404, "{method} {path}: {answer}");
+        assert!(answer.contains("not_found"), "{answer}");
+    }
+    // The handler is still there.
+    assert_eq!(gw.admin_get("/healthz").await.0, 200);
+}

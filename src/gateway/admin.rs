@@ -375,27 +375,38 @@ impl AdminApp {
                         "admin endpoints need the admin bearer token",
                     );
                 }
+                // Sub-paths by strip_prefix/strip_suffix: slicing by lengths panicked on a path
+                // that is both prefix and suffix (`/admin/backends/drain`).
+                let backend_drain = p
+                    .strip_prefix("/admin/backends/")
+                    .and_then(|rest| rest.strip_suffix("/drain"))
+                    .filter(|name| !name.is_empty());
+                let session_input = p
+                    .strip_prefix("/admin/sessions/")
+                    .and_then(|rest| rest.strip_suffix("/input"))
+                    .filter(|sid| !sid.is_empty());
+                let kicked = p
+                    .strip_prefix("/admin/sessions/")
+                    .filter(|sid| !sid.is_empty());
                 match (method.as_str(), p) {
                     ("GET", "/admin/sessions") => self.sessions(),
                     ("GET", "/admin/backends") => self.backends(),
-                    ("POST", p) if p.starts_with("/admin/backends/") && p.ends_with("/drain") => {
-                        self.drain(&p["/admin/backends/".len()..p.len() - "/drain".len()], true)
+                    ("POST", _) if backend_drain.is_some() => {
+                        self.drain(backend_drain.unwrap_or_default(), true)
                     }
-                    ("DELETE", p) if p.starts_with("/admin/backends/") && p.ends_with("/drain") => {
-                        self.drain(
-                            &p["/admin/backends/".len()..p.len() - "/drain".len()],
-                            false,
-                        )
+                    ("DELETE", _) if backend_drain.is_some() => {
+                        self.drain(backend_drain.unwrap_or_default(), false)
                     }
-                    ("PUT", p) if p.starts_with("/admin/sessions/") && p.ends_with("/input") => {
-                        let sid = p["/admin/sessions/".len()..p.len() - "/input".len()].to_owned();
+                    ("PUT", _) if session_input.is_some() => {
+                        let sid = session_input.unwrap_or_default().to_owned();
                         match read_body(session).await {
                             Ok(body) => self.input_mode(&sid, &body).await,
                             Err(resp) => resp,
                         }
                     }
-                    ("DELETE", p) if p.starts_with("/admin/sessions/") => {
-                        self.kick(&p["/admin/sessions/".len()..]).await
+                    ("DELETE", _) if kicked.is_some() => {
+                        let sid = kicked.unwrap_or_default().to_owned();
+                        self.kick(&sid).await
                     }
                     ("POST", "/admin/revoke") => match read_body(session).await {
                         Ok(body) => self.revoke(&body).await,
