@@ -238,7 +238,8 @@ async fn password_in_the_gateway_only(gw: &Gw, xvnc: &Xvnc, wrong: &str, label: 
     // The page is still on its desktop.
     assert_eq!(page.snapshot().await["state"], "connected");
     eprintln!(
-        "{label}: page load -> desktop {:.0} ms (no password prompt); wrong password -> 502 backend_auth_failed",
+        "{label}: page load -> desktop {:.0} ms (no password prompt); \
+         wrong password -> 502 backend_auth_failed",
         ms(load)
     );
     page.screenshot(label).await;
@@ -330,7 +331,8 @@ async fn tigervnc_defaults_with_blacklist_never_lock_the_gateway_out() {
         "Xvnc logged an authentication failure"
     );
     eprintln!(
-        "tigervnc defaults: 50 upgrades in {:.0} ms, then {} connections in Xvnc's log ({:.1} s of 1 s health checks), \
+        "tigervnc defaults: 50 upgrades in {:.0} ms, then {} connections in Xvnc's log \
+         ({:.1} s of 1 s health checks), \
          not blacklisted; page load -> desktop {:.0} ms",
         ms(burst),
         accepted(&x),
@@ -649,7 +651,8 @@ async fn clipboard_none_blocks_both_directions_and_both_passes_them() {
     let seen = none_page.events().await;
     assert!(of_type(&seen, "clipboard").is_empty(), "{seen:?}");
     eprintln!(
-        "clipboard: X copy -> page event (both) {:.0} ms; page paste -> X selection (both) {:.0} ms; \
+        "clipboard: X copy -> page event (both) {:.0} ms; \
+         page paste -> X selection (both) {:.0} ms; \
          none: blocked to client {} to server {}",
         ms(x_to_page),
         ms(page_to_x),
@@ -742,7 +745,10 @@ async fn shared_session_viewer_sees_owner_typing_and_control_is_handed_over_live
     viewer
         .call(
             "waitInk",
-            json!({ "rects": [g.cell(0, 0), g.cell(0, 1), g.cell(0, 2)], "timeoutMs": PAGE_WAIT_MS }),
+            json!({
+                "rects": [g.cell(0, 0), g.cell(0, 1), g.cell(0, 2)],
+                "timeoutMs": PAGE_WAIT_MS,
+            }),
         )
         .await;
     let echo = t.elapsed();
@@ -825,7 +831,8 @@ async fn shared_session_viewer_sees_owner_typing_and_control_is_handed_over_live
         "nobody reconnected"
     );
     eprintln!(
-        "shared session: owner key -> viewer canvas {:.0} ms (3 keys); admin switch -> viewer's line in the xterm {:.0} ms",
+        "shared session: owner key -> viewer canvas {:.0} ms (3 keys); \
+         admin switch -> viewer's line in the xterm {:.0} ms",
         ms(echo),
         ms(handover)
     );

@@ -6,8 +6,9 @@
 //! The harness (the browser driver, pages, the gateway, desktops) is `tests/common/browser.rs`:
 //! one Chromium per test process, one browser context per user. Each test starts its own
 //! gateway(s) on ports it picks, so the page's Origin is on `auth.allowed_origins` from the
-//! start and a restart reuses the ports. Every wait is for an event: a viewer state or canvas pixels polled
-//! per animation frame in the page, a gateway log line, a file the xterm writes, the X pointer.
+//! start and a restart reuses the ports. Every wait is for an event: a viewer state or canvas
+//! pixels polled per animation frame in the page, a gateway log line, a file the xterm writes,
+//! the X pointer.
 //! Every page's console is checked at the end: any uncaught error or console error fails the
 //! scenario, except the exact messages a scenario provokes on purpose (listed where it does).
 //! Screenshots go to `target/e2e/`; latencies are printed, never asserted.

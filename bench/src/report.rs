@@ -486,7 +486,8 @@ pub fn main(args: ReportArgs) -> Result<(), String> {
 }
 
 /// The terminate/transparent table: for every figure both modes measured, the ratio of the
-/// medians and the range of run-by-run ratios (run i of one against run i of the other).
+/// medians and the median and range of run-by-run ratios (run i of one against run i of the
+/// other; on a loaded machine the paired median is the steadier of the two).
 /// Empty when the run had no `vncgate-terminate` path.
 fn mode_ratios(runs: &Runs) -> String {
     let mut rows = String::new();
@@ -504,7 +505,12 @@ fn mode_ratios(runs: &Runs) -> String {
             .filter_map(|(run, x)| rb.get(run).map(|y| x / y))
             .collect();
         let range = match stats(&paired) {
-            Some(r) if r.n > 1 => format!("{}–{}", fmt_num(r.min), fmt_num(r.max)),
+            Some(r) if r.n > 1 => format!(
+                "{} ({}–{})",
+                fmt_num(r.median),
+                fmt_num(r.min),
+                fmt_num(r.max)
+            ),
             Some(r) => fmt_num(r.median),
             None => "–".into(),
         };
@@ -523,7 +529,7 @@ fn mode_ratios(runs: &Runs) -> String {
     format!(
         "\nRFB mode A/B (`{TRANSPARENT}` = `rfb.mode: transparent`, `{TERMINATE}` = `rfb.mode: \
          terminate`, same config otherwise):\n\n| figure | transparent (median) | terminate \
-         (median) | terminate / transparent | per-run ratios |\n|---|---|---|---|---|\n{rows}"
+         (median) | terminate / transparent (medians) | per-run ratios: median (min–max) |\n|---|---|---|---|---|\n{rows}"
     )
 }
 
@@ -598,7 +604,7 @@ mod tests {
         }
         let table = mode_ratios(&runs);
         assert!(
-            table.contains("| bulk, 1 session: MB/s | 200 | 200 | 1.00 | 0.50–1.10 |"),
+            table.contains("| bulk, 1 session: MB/s | 200 | 200 | 1.00 | 1.00 (0.50–1.10) |"),
             "{table}"
         );
         runs.get_mut("bulk-1").unwrap().remove(TERMINATE);

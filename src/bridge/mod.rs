@@ -221,6 +221,11 @@ where
     };
 
     let backend_to_client = async {
+        // A session that registered after a drain (or a kick) already asked it to close starts
+        // with that code: a watch channel's initial value is never reported as a change.
+        if let Some(code) = *control.borrow_and_update() {
+            return EndReason::Gateway(code);
+        }
         let mut buf = BytesMut::new();
         let mut share = Share::new();
         // The client socket whose spliced bytes show a long send's progress.
@@ -513,5 +518,58 @@ async fn finish<S>(
         (None, _) => {
             let _ = tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, sink.close()).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+
+    fn limits() -> BridgeLimits {
+        BridgeLimits {
+            ping_interval: Duration::from_secs(20),
+            pong_timeout: Duration::from_secs(20),
+            idle_timeout: None,
+        }
+    }
+
+    fn meters() -> Meters {
+        let yaml = "listeners: [{ addr: \"127.0.0.1:1\" }]\npaths: [\"/w\"]\n\
+                    auth: { algorithms: [HS256], secret_env: S }\n\
+                    pools: { default: { backends: [{ name: a, addr: \"127.0.0.1:2\" }] } }\n";
+        let config =
+            crate::config::Config::from_yaml(yaml, &|_| Some("x".repeat(40))).expect("config");
+        Meters::new(&crate::metrics::Metrics::new(&config).expect("metrics"))
+    }
+
+    /// A session whose control channel already says "close" when it starts (registered after
+    /// the drain began) closes at once with that code instead of running until exit.
+    #[tokio::test]
+    async fn a_session_born_closing_closes_with_its_code() {
+        let (client_io, gateway_io) = tokio::io::duplex(64 * 1024);
+        let (backend_io, _backend_peer) = tokio::io::duplex(64 * 1024);
+        let ws = WebSocketStream::from_raw_socket(gateway_io, Role::Server, None).await;
+        let mut client = WebSocketStream::from_raw_socket(client_io, Role::Client, None).await;
+        let (r, w) = backend::stream(backend_io);
+        let (_tx, control) = watch::channel(Some(CloseCode::GoingAway));
+        let (limits, meters) = (limits(), meters());
+        let run = run(ws, r, w, &limits, &meters, control, None, None);
+        let outcome = tokio::time::timeout(Duration::from_secs(10), async {
+            let (outcome, frame) = tokio::join!(run, async {
+                loop {
+                    match client.next().await {
+                        Some(Ok(Message::Close(frame))) => return frame,
+                        Some(Ok(_)) => {}
+                        _ => return None,
+                    }
+                }
+            });
+            (outcome, frame)
+        })
+        .await
+        .expect("the session ran on although it was born closing");
+        assert_eq!(outcome.0.end, EndReason::Gateway(CloseCode::GoingAway));
+        assert_eq!(outcome.1.map(|f| u16::from(f.code)), Some(1001));
     }
 }
