@@ -463,3 +463,42 @@ async fn idle_sessions_are_closed_with_4008() {
         1.0
     );
 }
+
+/// A browser's own close code is not the gateway's: a client closing with 1011 or 1013 must
+/// not move the series the gateway's alerts read (the session_ended line keeps the real code).
+#[tokio::test]
+async fn close_codes_sent_by_clients_are_not_counted_as_the_gateways() {
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    let backend = RfbServer::start(Mode::Echo).await.expect("fixture");
+    let gw = gateway_for(&backend).await;
+    for code in [1011u16, 1013] {
+        let mut ws = open(&gw, "closer").await;
+        ws.send(Message::Close(Some(CloseFrame {
+            code: CloseCode::from(code),
+            reason: "client says so".into(),
+        })))
+        .await
+        .expect("close");
+        let _ = rfb_client::read_close(&mut ws).await;
+    }
+    let ended = gw
+        .wait_logs(2, |v| {
+            v["event"] == "session_ended" && v["closed_by"] == "client"
+        })
+        .await;
+    assert_eq!(ended[0]["close_code"], 1011);
+    assert_eq!(ended[1]["close_code"], 1013);
+    assert_eq!(
+        gw.metric("vncgate_disconnects_total{code=\"1011\"}").await,
+        0.0
+    );
+    assert_eq!(
+        gw.metric("vncgate_disconnects_total{code=\"1013\"}").await,
+        0.0
+    );
+    assert_eq!(
+        gw.metric("vncgate_disconnects_total{code=\"1000\"}").await,
+        2.0
+    );
+}

@@ -115,4 +115,50 @@ impl EndReason {
             EndReason::Client(c) | EndReason::Gateway(c) => c,
         }
     }
+
+    /// The code `vncgate_disconnects_total` counts. A code a client put in its own close frame
+    /// says nothing about the gateway: counted as the client's normal close, so no browser can
+    /// fire the gateway's 1011/1013 alerts by sending those codes. A vanished client (1006),
+    /// a close without a code (1005) and a tab going away (1001) keep their codes. The
+    /// `session_ended` log line keeps the code the client sent.
+    pub fn counted_code(self) -> CloseCode {
+        match self {
+            EndReason::Gateway(c) => c,
+            EndReason::Client(
+                c @ (CloseCode::Normal
+                | CloseCode::GoingAway
+                | CloseCode::NoStatus
+                | CloseCode::Abnormal),
+            ) => c,
+            EndReason::Client(_) => CloseCode::Normal,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_sent_codes_never_count_as_the_gateways_errors() {
+        for code in CloseCode::ALL {
+            let counted = EndReason::Client(code).counted_code();
+            assert!(
+                !matches!(
+                    counted,
+                    CloseCode::Internal | CloseCode::TryAgain | CloseCode::Kicked
+                ),
+                "a client's {code:?} counted as {counted:?}"
+            );
+            assert_eq!(EndReason::Gateway(code).counted_code(), code);
+        }
+        assert_eq!(
+            EndReason::Client(CloseCode::from_client(1011)).counted_code(),
+            CloseCode::Normal
+        );
+        assert_eq!(
+            EndReason::Client(CloseCode::Abnormal).counted_code(),
+            CloseCode::Abnormal
+        );
+    }
 }

@@ -167,7 +167,7 @@ pub async fn serve(start: SessionStart) {
     let code = outcome.end.code();
     env.metrics
         .disconnects_total
-        .with_label_values(&[&code.as_u16().to_string()])
+        .with_label_values(&[&outcome.end.counted_code().as_u16().to_string()])
         .inc();
     env.metrics
         .session_duration
@@ -213,11 +213,11 @@ async fn relay(
         // Frames go out as soon as they are written: RFB is latency-bound, and the bridge
         // already sends whole chunks.
         .write_buffer_size(0);
-    // Splicing moves backend bytes without looking at them: only where nothing needs to read
-    // the server stream (a clipboard policy that stops ServerCutText does).
+    // Splicing moves backend bytes from a TCP socket without looking at them: only where
+    // nothing needs to read the server stream (a clipboard policy that stops ServerCutText does).
     let spliceable = match &backend {
         Backend::Tcp(_) => true,
-        Backend::Rfb(_) => !policy.delimits_server_stream(),
+        Backend::Rfb(handshaken) => handshaken.over_plain_tcp() && !policy.delimits_server_stream(),
         Backend::WebSocket(_) => false,
     };
     let taken = if spliceable {

@@ -122,6 +122,17 @@ pub enum Handshaken {
     NeedsPassword(PendingAuth),
 }
 
+impl Handshaken {
+    /// Whether the backend bytes arrive on a plain TCP socket (which splice(2) can read).
+    pub fn over_plain_tcp(&self) -> bool {
+        let stream = match self {
+            Handshaken::Ready { stream, .. } => stream,
+            Handshaken::NeedsPassword(pending) => &pending.stream,
+        };
+        matches!(stream, BackendStream::Plain(Transport::Tcp(_)))
+    }
+}
+
 pub struct PendingAuth {
     stream: BackendStream,
     pub version: Version,

@@ -34,6 +34,14 @@ impl Inner {
         self.pins.get_mut(sid)
     }
 
+    /// Every insert goes through here, so no path (the Redis mode's local cache writes with
+    /// `replace` and `refresh` only) can grow the map past its live pins plus one sweep step.
+    fn insert(&mut self, sid: &str, pin: Pin, ttl: Duration) {
+        self.sweep_if_grown();
+        self.pins
+            .insert(sid.to_owned(), (pin, Instant::now() + ttl));
+    }
+
     fn sweep_if_grown(&mut self) {
         if self.pins.len() + self.revoked.len() >= self.len_at_last_sweep + SWEEP_EVERY {
             let now = Instant::now();
@@ -65,17 +73,12 @@ impl SessionStore for MemoryStore {
         if let Some((existing, _)) = inner.live(sid) {
             return Ok(existing.clone());
         }
-        inner.sweep_if_grown();
-        inner
-            .pins
-            .insert(sid.to_owned(), (pin.clone(), Instant::now() + ttl));
+        inner.insert(sid, pin.clone(), ttl);
         Ok(pin)
     }
 
     async fn replace(&self, sid: &str, pin: Pin, ttl: Duration) -> Result<(), StoreError> {
-        self.lock()
-            .pins
-            .insert(sid.to_owned(), (pin, Instant::now() + ttl));
+        self.lock().insert(sid, pin, ttl);
         Ok(())
     }
 
@@ -91,9 +94,7 @@ impl SessionStore for MemoryStore {
                     updated_at_ms: unix_ms(),
                     ..pin.clone()
                 };
-                inner
-                    .pins
-                    .insert(sid.to_owned(), (pin, Instant::now() + ttl));
+                inner.insert(sid, pin, ttl);
             }
         }
         Ok(())
@@ -147,6 +148,28 @@ mod tests {
             owner: owner.into(),
             created_at_ms: 1,
             updated_at_ms: 1,
+        }
+    }
+
+    /// The Redis mode's local cache only ever calls `replace` and `refresh`: expired pins must
+    /// be swept on those paths too, or the cache grows by every distinct `sid` for good.
+    #[tokio::test]
+    async fn expired_pins_are_swept_on_every_insert_path() {
+        let (replaced, refreshed) = (MemoryStore::new(), MemoryStore::new());
+        for i in 0..10_000 {
+            let sid = format!("s{i}");
+            replaced
+                .replace(&sid, pin("a", "u"), Duration::ZERO)
+                .await
+                .expect("replace");
+            refreshed
+                .refresh(&sid, &pin("a", "u"), Duration::ZERO)
+                .await
+                .expect("refresh");
+        }
+        for (path, store) in [("replace", &replaced), ("refresh", &refreshed)] {
+            let held = store.lock().pins.len();
+            assert!(held <= 2 * SWEEP_EVERY, "{path}: {held} expired pins kept");
         }
     }
 
