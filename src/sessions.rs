@@ -162,6 +162,14 @@ impl Registry {
         )
     }
 
+    /// Fill in what became known after registration (the backend, the role once the pin's
+    /// owner is known).
+    pub fn update(&self, conn_id: u64, f: impl FnOnce(&mut SessionInfo)) {
+        if let Some(entry) = self.lock().get_mut(&conn_id) {
+            f(&mut entry.info);
+        }
+    }
+
     /// Switch the input mode of every switchable connection matching `pred`; returns how many
     /// connections matched (switched or already in that mode). An admin may hand control to a
     /// `share: view` connection too (a hand-over without reconnecting); its later connections

@@ -524,3 +524,59 @@ async fn repeated_auth_failures_from_one_address_are_throttled() {
 fn common_auth() -> String {
     "  algorithms: [HS256]\n  secret_env: VNCGATE_JWT_SECRET\n".to_owned()
 }
+
+/// A revocation that arrives while the upgrade is still connecting to its backend (after the
+/// revocation check, before the 101) must still reach the connection: it starts closed, 4003.
+/// The backend here holds its RFB greeting until the test has revoked the token.
+#[tokio::test]
+async fn a_revocation_during_the_upgrade_is_not_lost() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let mut cfg = GatewayConfig::new(vec![BackendSpec::rfb("slow", addr)]);
+    // Only the upgrade's own connection may reach this one-shot backend.
+    cfg.pool_extra = "    health_check_interval_seconds: 0\n".into();
+    let gw = Gateway::start(cfg).await;
+    let token = sign_with_secret(
+        Algorithm::HS256,
+        SECRET.as_bytes(),
+        None,
+        &json!({"sub": "alice", "sid": "slow", "jti": "j-slow", "exp": now() + 600}),
+    );
+    let url = gw.ws_url(&format!("?token={token}"));
+    let upgrade = tokio::spawn(async move { rfb_client::connect(&WsConnect::new(url)).await });
+    let (mut backend, _) = listener
+        .accept()
+        .await
+        .expect("the upgrade's backend connect");
+
+    let (status, body) = gw
+        .admin("POST", "/admin/revoke", r#"{"jti":"j-slow"}"#)
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    // Now the backend answers: RFB 3.8, security None, ServerInit.
+    backend.write_all(b"RFB 003.008\n").await.expect("greeting");
+    let mut version = [0u8; 12];
+    backend.read_exact(&mut version).await.expect("version");
+    backend.write_all(&[1, 1]).await.expect("types");
+    let mut choice = [0u8; 1];
+    backend.read_exact(&mut choice).await.expect("choice");
+    backend
+        .write_all(&0u32.to_be_bytes())
+        .await
+        .expect("result");
+    backend.read_exact(&mut choice).await.expect("client init");
+    let mut init = vec![
+        0, 8, 0, 8, 32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16, 8, 0, 0, 0, 0,
+    ];
+    init.extend_from_slice(&4u32.to_be_bytes());
+    init.extend_from_slice(b"slow");
+    backend.write_all(&init).await.expect("server init");
+
+    let (mut ws, _) = upgrade.await.expect("join").expect("101");
+    let frame = rfb_client::read_close(&mut ws).await.expect("close frame");
+    assert_eq!(u16::from(frame.code), 4003);
+}

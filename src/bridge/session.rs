@@ -6,7 +6,6 @@
 //! gateway, so the arrows run gateway -> bridge -> rfb.
 
 use std::any::Any;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,7 +23,7 @@ use crate::rfb::browser::{self, BrowserError};
 use crate::rfb::handshake::{BackendStream, Handshaken, Transport};
 use crate::rfb::policy::{Clipboard, Policy};
 use crate::routing::{Pin, Router};
-use crate::sessions::{Registry, Role, SessionInfo};
+use crate::sessions::{Control, Registration, Registry, Role};
 
 const CLIENT_READ_BUFFER: usize = 4 * 1024;
 
@@ -58,15 +57,20 @@ pub struct SessionEnv {
 /// Everything [`serve`] needs, built by the gateway after the 101.
 pub struct SessionStart {
     pub conn_id: u64,
-    pub client_addr: Option<SocketAddr>,
     pub client: pingora_core::protocols::Stream,
     /// Bytes the client sent right behind its request.
     pub early: Vec<u8>,
     pub claims: Claims,
     pub pool: String,
     pub backend_name: String,
+    /// The session's owner (the pin's): the viewer's own `sub` for a share.
+    pub owner: String,
     pub backend: Backend,
     pub role: Role,
+    /// The registry entry, made when the upgrade was authorized: a kick or revocation that
+    /// arrived while the backend was being connected is already in `control`.
+    pub registration: Registration,
+    pub control: Control,
     pub settings: SessionSettings,
     /// Admission slots and counters held until the session ends (dropped with it).
     pub held: Box<dyn Any + Send + Sync>,
@@ -77,21 +81,23 @@ pub struct SessionStart {
 pub async fn serve(start: SessionStart) {
     let SessionStart {
         conn_id,
-        client_addr,
         client,
         early,
         claims,
         pool,
         backend_name,
+        owner,
         backend,
         role,
+        registration: _registration,
+        control,
         settings,
         held,
         env,
     } = start;
     let _held = held;
     let terminate = matches!(backend, Backend::Rfb(_));
-    let view_only = terminate && claims.starts_view_only();
+    let view_only = *control.view_only.borrow();
     let policy = Policy {
         view_only,
         clipboard: settings.clipboard,
@@ -101,27 +107,11 @@ pub async fn serve(start: SessionStart) {
     let pin = Pin {
         backend: backend_name.clone(),
         pool: pool.clone(),
-        owner: claims.sub.clone(),
+        // Refreshing recreates a pin the store lost: with its owner, never a viewer.
+        owner,
         created_at_ms: now,
         updated_at_ms: now,
     };
-    let (_registration, control) = env.registry.register(
-        SessionInfo {
-            conn_id,
-            session_id: sid.clone(),
-            user_id: claims.sub.clone(),
-            pool: pool.clone(),
-            backend: backend_name,
-            jti: claims.jti.clone(),
-            token_exp: claims.exp,
-            client_addr,
-            started: Instant::now(),
-            started_at_ms: now,
-            role,
-            input_switchable: terminate,
-        },
-        view_only,
-    );
     let _active = GaugeGuard::inc(env.metrics.sessions_active.with_label_values(&[&pool]));
     tracing::info!(
         event = "session_started",
@@ -285,9 +275,25 @@ where
             super::run(ws, r, w, limits, meters, control.close, splicer, None).await
         }
         Backend::Rfb(handshaken) => {
-            let served = match browser::serve(&mut ws, handshaken).await {
-                Ok(served) => served,
-                Err(e) => return browser_failed(ws, e).await,
+            // A kick, revocation or drain that came while the upgrade was under way (or comes
+            // while the browser is still in its handshake) ends the session right there.
+            let mut close = control.close.clone();
+            let handshake = tokio::select! {
+                served = browser::serve(&mut ws, handshaken) => Ok(served),
+                code = close.wait_for(Option::is_some) => Err(code.ok().and_then(|c| *c)),
+            };
+            let served = match handshake {
+                Ok(Ok(served)) => served,
+                Ok(Err(e)) => return browser_failed(ws, e).await,
+                Err(code) => {
+                    let end = EndReason::Gateway(code.unwrap_or(CloseCode::GoingAway));
+                    super::close_websocket(&mut ws, end).await;
+                    return Outcome {
+                        end,
+                        bytes_in: 0,
+                        bytes_out: 0,
+                    };
+                }
             };
             meters.client_to_backend_bytes.inc_by(served.bytes_in);
             meters.backend_to_client_bytes.inc_by(served.bytes_out);

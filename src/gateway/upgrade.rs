@@ -29,7 +29,7 @@ use crate::rfb::policy::Clipboard;
 use crate::rfb::transport::{Transport, WsIo};
 use crate::routing::Placement;
 use crate::routing::health::BackendSessionGuard;
-use crate::sessions::Role;
+use crate::sessions::{Control, Registration, Role, SessionInfo};
 
 const BACKEND_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bytes taken along with the 101; a client has no reason to send more before the backend has
@@ -45,6 +45,8 @@ struct Admitted {
     placement: Placement,
     role: Role,
     backend: Backend,
+    registration: Registration,
+    control: Control,
     held: Held,
 }
 
@@ -69,19 +71,15 @@ pub async fn handle(gw: &Arc<Gateway>, session: ServerSession) -> Option<ReusedH
     // Admission, refusal and the 101 run in their own box: they are over once the session
     // runs, and inline they (and the HTTP session they hold) would add their size to the
     // future that every live session keeps for hours.
-    let upgraded = Box::pin(upgrade(gw, session, client_addr).instrument(span.clone())).await?;
-    let start = session_start(gw, upgraded, conn_id, client_addr);
+    let upgraded =
+        Box::pin(upgrade(gw, session, conn_id, client_addr).instrument(span.clone())).await?;
+    let start = session_start(gw, upgraded, conn_id);
     session::serve(start).instrument(span).await;
     None
 }
 
 /// What the bridge needs to run the session: nothing of the gateway itself.
-fn session_start(
-    gw: &Arc<Gateway>,
-    upgraded: Upgraded,
-    conn_id: u64,
-    client_addr: Option<SocketAddr>,
-) -> SessionStart {
+fn session_start(gw: &Arc<Gateway>, upgraded: Upgraded, conn_id: u64) -> SessionStart {
     let Upgraded {
         stream,
         early,
@@ -108,14 +106,16 @@ fn session_start(
     };
     SessionStart {
         conn_id,
-        client_addr,
         client: stream,
         early,
         pool: admitted.placement.pool.clone(),
         backend_name: admitted.placement.backend.name.clone(),
+        owner: admitted.placement.owner.clone(),
         claims: admitted.claims,
         backend: admitted.backend,
         role: admitted.role,
+        registration: admitted.registration,
+        control: admitted.control,
         settings: SessionSettings {
             bridge: BridgeLimits {
                 ping_interval: limits.ping_interval,
@@ -146,11 +146,12 @@ struct Upgraded {
 async fn upgrade(
     gw: &Arc<Gateway>,
     mut session: ServerSession,
+    conn_id: u64,
     client_addr: Option<SocketAddr>,
 ) -> Option<Upgraded> {
     let started = Instant::now();
     let ip = client_addr.map(|a| a.ip());
-    match admit(gw, &session, ip).await {
+    match admit(gw, &session, conn_id, client_addr).await {
         Err(refusal) => {
             refuse(gw, session, ip, refusal).await;
             None
@@ -177,8 +178,10 @@ async fn upgrade(
 async fn admit(
     gw: &Arc<Gateway>,
     session: &ServerSession,
-    ip: Option<IpAddr>,
+    conn_id: u64,
+    client_addr: Option<SocketAddr>,
 ) -> Result<Admitted, Refusal> {
+    let ip = client_addr.map(|a| a.ip());
     // Only after the drain deadline: during the drain window an upgrade that still reaches this
     // process (accepted just before Pingora stopped its listeners, or during a binary upgrade's
     // hand-over) is served like any other and closed with 1001 at the deadline.
@@ -232,6 +235,29 @@ async fn admit(
     );
 
     let ticket = gw.admission.admit(&claims.sub)?;
+    // Registered from here on, before placement, the backend connect and the 101: a kick or a
+    // revocation that arrives meanwhile reaches this connection (it starts closed with 4003)
+    // instead of falling between the revocation check above and a later registration.
+    let terminate = config
+        .pool(claims.pool_name())
+        .is_some_and(|p| p.rfb.mode == RfbMode::Terminate);
+    let (registration, control) = gw.sessions.register(
+        SessionInfo {
+            conn_id,
+            session_id: claims.session_id().to_owned(),
+            user_id: claims.sub.clone(),
+            pool: claims.pool_name().to_owned(),
+            backend: String::new(),
+            jti: claims.jti.clone(),
+            token_exp: claims.exp,
+            client_addr,
+            started: Instant::now(),
+            started_at_ms: crate::routing::store::unix_ms(),
+            role: Role::Owner,
+            input_switchable: terminate,
+        },
+        terminate && claims.starts_view_only(),
+    );
     let placement = gw.router.place(&config, &claims).await?;
     span.record("backend", placement.backend.name.as_str());
     let role = match claims.share {
@@ -241,6 +267,10 @@ async fn admit(
         Some(Share::Control) => Role::Control,
         None => Role::Owner,
     };
+    gw.sessions.update(conn_id, |info| {
+        info.backend = placement.backend.name.clone();
+        info.role = role;
+    });
     let backend = match connect_backend(gw, &config, &placement).await {
         Ok(backend) => backend,
         Err(refusal) => {
@@ -257,6 +287,8 @@ async fn admit(
         placement,
         role,
         backend,
+        registration,
+        control,
         held: Held {
             _ticket: ticket,
             _backend_session: backend_session,
