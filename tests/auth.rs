@@ -521,6 +521,52 @@ async fn repeated_auth_failures_from_one_address_are_throttled() {
     );
 }
 
+/// Stale tabs (noVNC retries an expired or revoked token every 5 s) are not an attack: behind
+/// one NAT address they must not lock everyone else out.
+#[tokio::test]
+async fn expired_and_revoked_tokens_do_not_count_toward_the_throttle() {
+    let backend = RfbServer::start(Mode::Echo).await.expect("fixture");
+    let mut cfg = GatewayConfig::new(vec![BackendSpec::fixture("desk", &backend)]);
+    cfg.extra = "limits:\n  auth_failures_per_minute: 3\n".into();
+    let gw = Gateway::start(cfg).await;
+    let expired = sign_with_secret(
+        Algorithm::HS256,
+        SECRET.as_bytes(),
+        None,
+        &json!({"sub": "stale", "exp": now() - 3600}),
+    );
+    for _ in 0..10 {
+        assert_eq!(
+            attempt(&gw, Some(&expired), None).await,
+            refused(401, "token_expired")
+        );
+    }
+    let (status, _) = gw
+        .admin("POST", "/admin/revoke", r#"{"jti":"j-stale"}"#)
+        .await;
+    assert_eq!(status, 200);
+    let revoked = sign_with_secret(
+        Algorithm::HS256,
+        SECRET.as_bytes(),
+        None,
+        &json!({"sub": "stale2", "jti": "j-stale", "exp": now() + 600}),
+    );
+    for _ in 0..10 {
+        assert_eq!(
+            attempt(&gw, Some(&revoked), None).await,
+            refused(403, "token_revoked")
+        );
+    }
+    let good = common::token("alice", None);
+    assert_eq!(attempt(&gw, Some(&good), None).await, Ok(()));
+    // Still counted in the metric: the on-call view of failures is unchanged.
+    assert_eq!(
+        gw.metric("vncgate_auth_failures_total{reason=\"token_expired\"}")
+            .await,
+        10.0
+    );
+}
+
 fn common_auth() -> String {
     "  algorithms: [HS256]\n  secret_env: VNCGATE_JWT_SECRET\n".to_owned()
 }

@@ -149,6 +149,30 @@ impl ErrorCode {
     }
 }
 
+impl ErrorCode {
+    /// Refusals that count against the client address's auth-failure throttle: what a scanner
+    /// or a forger produces. Not what a legitimate user's stale tab produces (an expired or
+    /// revoked token that noVNC keeps retrying every 5 s, a clock a little ahead) nor a
+    /// platform's misconfiguration: counting those let a few stale tabs behind one corporate
+    /// NAT lock every user of that address out.
+    pub fn counts_toward_throttle(self) -> bool {
+        use ErrorCode::*;
+        matches!(
+            self,
+            TokenMissing
+                | TokenMalformed
+                | TokenSignature
+                | TokenAlgorithm
+                | TokenIssuer
+                | TokenAudience
+                | OriginDenied
+                | SessionOwnedByOtherUser
+                | BackendNotAllowed
+                | BadSessionId
+        )
+    }
+}
+
 /// A refused request: the code plus a short human message (never a token, never internals).
 #[derive(Debug, Clone)]
 pub struct Refusal {

@@ -446,9 +446,11 @@ async fn refuse(
             .auth_failures_total
             .with_label_values(&[code.as_str()])
             .inc();
-        if let Some(ip) = ip {
-            gw.admission.record_auth_failure(ip);
-        }
+    }
+    if code.counts_toward_throttle()
+        && let Some(ip) = ip
+    {
+        gw.admission.record_auth_failure(ip);
     }
     let target = extract::redacted_target(&session.req_header().uri);
     tracing::info!(
