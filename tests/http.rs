@@ -212,3 +212,31 @@ async fn admin_paths_without_a_name_are_404_not_a_dropped_connection() {
     // The handler is still there.
     assert_eq!(gw.admin_get("/healthz").await.0, 200);
 }
+
+/// A 64 KiB token in the query string makes a URI longer than `http::Uri` takes, so Pingora
+/// cannot parse the head at all: the client still gets a status and a code, not a closed
+/// connection.
+#[tokio::test]
+async fn an_oversized_query_gets_400_not_a_closed_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backend = RfbServer::start(Mode::Echo).await.expect("fixture");
+    let gw = Gateway::start(GatewayConfig::new(vec![BackendSpec::fixture(
+        "desk", &backend,
+    )]))
+    .await;
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .expect("connect");
+    let request = format!(
+        "GET /websockify?token={} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\n\r\n",
+        "a".repeat(64 * 1024)
+    );
+    tcp.write_all(request.as_bytes()).await.expect("write");
+    let mut answer = Vec::new();
+    tcp.read_to_end(&mut answer).await.expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer:?}");
+    assert!(answer.contains(r#""error":"bad_upgrade""#), "{answer}");
+}

@@ -8,13 +8,32 @@ use pingora_core::server::ShutdownWatch;
 use pingora_http::ResponseHeader;
 
 use super::KEEPALIVE_SECONDS;
+use super::refusal::{ErrorCode, Refusal};
 
-/// Read the request head and set the keep-alive timeout; `false` when there is nothing to
-/// answer (the client closed an idle keep-alive connection, or sent garbage). The error is not
-/// logged: Pingora's errors quote the raw request bytes, credentials included.
+/// Read the request head and set the keep-alive timeout; `false` when there is nothing more
+/// to do (the client closed an idle keep-alive connection, or sent a head that does not parse,
+/// which is answered 400 here). The error is not logged: Pingora's errors quote the raw request
+/// bytes, credentials included.
 pub async fn read_request(session: &mut ServerSession, shutdown: &ShutdownWatch) -> bool {
-    if !matches!(session.read_request().await, Ok(true)) {
-        return false;
+    match session.read_request().await {
+        Ok(true) => {}
+        Ok(false) => return false,
+        // A head that does not parse (a URI above the 64 KiB `http::Uri` limit, e.g. a huge
+        // token in the query): a clear status rather than a silently closed connection.
+        Err(e) if matches!(e.etype(), pingora_core::ErrorType::InvalidHTTPHeader) => {
+            let refusal = Refusal::new(
+                ErrorCode::BadUpgrade,
+                "the request head could not be parsed (too large or malformed)",
+            );
+            let body = Bytes::from(refusal.body());
+            if let Ok(mut header) = ResponseHeader::build(refusal.code.status(), Some(2)) {
+                let _ = header.insert_header(http::header::CONTENT_TYPE, "application/json");
+                let _ = header.insert_header(http::header::CONTENT_LENGTH, body.len().to_string());
+                let _ = session.write_error_response(header, body).await;
+            }
+            return false;
+        }
+        Err(_) => return false,
     }
     // Pingora leaves a reused keep-alive connection without any read timeout; without this a
     // client could hold a connection open forever after one cheap request.
