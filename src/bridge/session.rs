@@ -131,11 +131,13 @@ pub async fn serve(start: SessionStart) {
             client,
             early,
             backend,
-            &settings,
-            &meters,
-            control,
-            policy,
-            &env.metrics,
+            Relay {
+                settings: &settings,
+                meters: &meters,
+                control,
+                policy,
+                metrics: &env.metrics,
+            },
         );
         let refresh = keep_pin_alive(&env.router, &sid, &pin);
         let expiry = async {
@@ -182,17 +184,22 @@ pub async fn serve(start: SessionStart) {
 
 /// The client side, the RFB handshake with the browser where the gateway terminates RFB, and
 /// the two pumps.
-#[allow(clippy::too_many_arguments)]
+/// What the relay of one session works with, besides its two connections.
+struct Relay<'a> {
+    settings: &'a SessionSettings,
+    meters: &'a Meters,
+    control: Control,
+    policy: Policy,
+    metrics: &'a Metrics,
+}
+
 async fn relay(
     client: pingora_core::protocols::Stream,
     early: Vec<u8>,
     backend: Backend,
-    settings: &SessionSettings,
-    meters: &Meters,
-    control: crate::sessions::Control,
-    policy: Policy,
-    metrics: &Metrics,
+    r: Relay<'_>,
 ) -> Outcome {
+    let (settings, policy) = (r.settings, r.policy);
     let ws_config = WebSocketConfig::default()
         // Client->backend traffic is input events (a few bytes each); tungstenite's 128 KiB
         // default would be touched by its first read and cost 128 KiB per idle session. Larger
@@ -219,25 +226,12 @@ async fn relay(
         Ok(socket) => {
             let splicer = Splicer::new(Arc::clone(&socket));
             let ws = websocket(Gated(socket), early, ws_config).await;
-            relay_ws(
-                ws,
-                backend,
-                settings,
-                meters,
-                control,
-                policy,
-                metrics,
-                Some(splicer),
-            )
-            .await
+            relay_ws(ws, backend, r, Some(splicer)).await
         }
         // Handed back untouched: TLS, or a backend whose bytes are re-framed or read anyway.
         Err(TakeError::NotPlainTcp(stream)) => {
             let ws = websocket(stream, early, ws_config).await;
-            relay_ws(
-                ws, backend, settings, meters, control, policy, metrics, None,
-            )
-            .await
+            relay_ws(ws, backend, r, None).await
         }
         Err(TakeError::Io(e)) => {
             tracing::warn!(event = "session_failed", error = %e, "could not take over the client socket");
@@ -250,20 +244,22 @@ async fn relay(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn relay_ws<S>(
     mut ws: WebSocketStream<S>,
     backend: Backend,
-    settings: &SessionSettings,
-    meters: &Meters,
-    control: crate::sessions::Control,
-    policy: Policy,
-    metrics: &Metrics,
+    r: Relay<'_>,
     splicer: Option<Splicer>,
 ) -> Outcome
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
+    let Relay {
+        settings,
+        meters,
+        control,
+        policy,
+        metrics,
+    } = r;
     let limits = &settings.bridge;
     match backend {
         Backend::Tcp(tcp) => {

@@ -334,7 +334,7 @@ impl Xvnc {
             .args(["-interface", "127.0.0.1"])
             .args(["-nolisten", "tcp"]);
         // Only the flags each setup needs: nothing here turns off a protection Xvnc has by
-        // default (no `-UseBlacklist`, no `BlacklistThreshold`), so tests meet the real server.
+        // default (no blacklist flag of any kind), so tests meet the real server.
         match (&opts.security, secrets) {
             (Security::None, _) => {
                 cmd.args(["-SecurityTypes", "None"]);
