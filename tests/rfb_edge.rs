@@ -202,10 +202,21 @@ async fn x11vnc_works_behind_terminate_mode() {
     )]))
     .await;
     let mut live = open(&gw, &jwt("alice", "x11", json!({}))).await;
-    let update = rfb_client::first_framebuffer_update(&mut live.ws, &mut live.session)
+    let mut update = rfb_client::first_framebuffer_update(&mut live.ws, &mut live.session)
         .await
         .expect("update");
-    assert_eq!(update.first_pixel_rgb, [0x20, 0x40, 0x60]);
+    // x11vnc polls the X screen, so the root colour reaches its framebuffer a little after
+    // xsetroot returns (190-580 ms seen here): ask again until it is there.
+    let deadline = tokio::time::Instant::now() + common::EVENT_TIMEOUT;
+    while update.first_pixel_rgb != [0x20, 0x40, 0x60] {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the desktop colour never arrived: {update:?}"
+        );
+        update = rfb_client::framebuffer_update(&mut live.ws, &mut live.session, false)
+            .await
+            .expect("update");
+    }
 }
 
 /// View-only input never reaches the X server, an interactive connection's does, and the admin
