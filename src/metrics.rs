@@ -83,6 +83,8 @@ pub struct Metrics {
     /// Not in the contract's table (an addition): handshakes in which a backend refused the
     /// gateway's configured credentials, per backend, for the alert and its runbook.
     pub backend_auth_failures_total: IntCounterVec,
+    /// The accept path's own series (pre-auth connections, refused connections).
+    pub edge: crate::gateway::pre_auth::EdgeMetrics,
 }
 
 fn hist(name: &str, help: &str, buckets: &[f64]) -> HistogramOpts {
@@ -107,7 +109,9 @@ impl Metrics {
     /// Build the metric set and pre-create every series the config implies.
     pub fn new(config: &Config) -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
+        let edge = crate::gateway::pre_auth::EdgeMetrics::register(&registry)?;
         let m = Metrics {
+            edge,
             build_info: GaugeVec::new(
                 Opts::new("vncgate_build_info", "Build information; always 1."),
                 &["version"],

@@ -8,9 +8,7 @@ use std::sync::Arc;
 
 // Unbuffered L4 streams: after the 101 the WebSocket layer has its own buffer, and Pingora's
 // default 64 KiB read buffer would add a copy on the data path and memory to every session.
-use pingora_core::listeners::tls::TlsSettings;
 use pingora_core::listeners::{L4BufferSettings, ListenerConfig};
-use pingora_core::protocols::ALPN;
 use pingora_core::server::Server;
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::services::background::background_service;
@@ -19,7 +17,8 @@ use pingora_core::services::listening::Service;
 use crate::admission::Admission;
 use crate::auth::Verifier;
 use crate::config::{Config, StoreKind};
-use crate::gateway::admin::AdminApp;
+use crate::gateway::admin_listener::AdminListener;
+use crate::gateway::connection::ListenerSpec;
 use crate::gateway::tls::CertSlot;
 use crate::gateway::{App, Gateway};
 use crate::metrics::Metrics;
@@ -36,8 +35,8 @@ pub enum StartError {
     Keys(#[from] crate::auth::verify::KeyError),
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
-    #[error("listeners[{index}].tls: {message}")]
-    Tls { index: usize, message: String },
+    #[error("{message}")]
+    Tls { message: String },
     #[error("{0}")]
     Certificate(#[from] crate::gateway::tls::TlsError),
     #[error("store.redis_url_env: {0}")]
@@ -131,31 +130,21 @@ pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     server.bootstrap();
 
-    let mut public = Service::new("vncgate".to_owned(), App(Arc::clone(&gw)));
-    for (index, listener) in config.listeners.iter().enumerate() {
-        let addr = listener.addr.to_string();
-        match &listener.tls {
-            None => public
-                .add_listener(ListenerConfig::tcp(&addr).l4_buffer(L4BufferSettings::unbuffered())),
-            Some(_) => {
-                let Some(slot) = gw.tls.get(index).cloned().flatten() else {
-                    continue;
-                };
-                // No files here: the certificate comes from our slot, swappable on reload.
-                let mut settings =
-                    TlsSettings::intermediate("", "").map_err(|e| StartError::Tls {
-                        index,
-                        message: e.to_string(),
-                    })?;
-                settings.set_cert_resolver(slot);
-                // HTTP/1.1 only: WebSocket over HTTP/2 (RFC 8441) is not what noVNC speaks.
-                settings.set_alpn(ALPN::H1);
-                let listener = ListenerConfig::tcp(&addr)
-                    .l4_buffer(L4BufferSettings::unbuffered())
-                    .tls(settings);
-                public.add_listener(listener);
-            }
-        }
+    // Every public listener is plain TCP for Pingora: the PROXY header, TLS and the request
+    // deadlines are handled by the app (`gateway::connection`).
+    let listeners = ListenerSpec::from_config(&config, &gw.tls).map_err(|e| StartError::Tls {
+        message: e.to_string(),
+    })?;
+    let app = App {
+        gw: Arc::clone(&gw),
+        listeners,
+    };
+    let mut public = Service::new("vncgate".to_owned(), app);
+    for listener in &config.listeners {
+        public.add_listener(
+            ListenerConfig::tcp(&listener.addr.to_string()[..])
+                .l4_buffer(L4BufferSettings::unbuffered()),
+        );
     }
     server.add_service(public);
 
@@ -164,7 +153,9 @@ pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         .iter()
         .map(|l| {
             (
-                if l.tls.is_some() {
+                // A PROXY protocol listener takes a header before TLS: a TCP connect is the
+                // probe (closing without a byte is not counted as a refusal).
+                if l.tls.is_some() && l.proxy_protocol.is_none() {
                     readiness::Kind::Tls
                 } else {
                     readiness::Kind::Plain
@@ -174,11 +165,15 @@ pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
         })
         .collect();
     if let Some(admin) = &config.admin {
-        let mut service = Service::new("vncgate-admin".to_owned(), AdminApp(Arc::clone(&gw)));
-        // Probes and scrapes are light; the data path keeps `server.threads` to itself.
-        service.threads = Some(1);
-        service.add_tcp(&admin.addr.to_string());
-        server.add_service(service);
+        // A background service (its own runtime thread, so the data path keeps
+        // `server.threads` to itself), not a Pingora listener: it must outlive SIGTERM.
+        server.add_service(background_service(
+            "admin",
+            AdminListener {
+                gw: Arc::clone(&gw),
+                addr: admin.addr,
+            },
+        ));
         announce.push((readiness::Kind::Admin, admin.addr));
     }
 

@@ -360,6 +360,8 @@ mod tests {
         timer.abort();
     }
 
+    /// The registry's half; that the bridge acts on a value it was born with (a watch channel's
+    /// initial value is not a change) is `bridge::tests::a_session_born_closing_closes_with_its_code`.
     #[tokio::test]
     async fn sessions_registering_after_a_drain_start_closed() {
         let r = Registry::new();

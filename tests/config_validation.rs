@@ -805,3 +805,93 @@ fn limit_bounds(#[case] line: &str, #[case] valid: bool) {
         );
     }
 }
+
+#[test]
+fn proxy_protocol_listeners_need_trusted_networks() {
+    let yaml = |listener: &str| {
+        format!(
+            "listeners:\n  - {{ {listener} }}\npools:\n  default:\n    backends:\n      - {{ name: a, addr: \"10.0.0.11:5901\" }}\n"
+        )
+    };
+    let secret = [("VNCGATE_JWT_SECRET", SECRET)];
+    let config = load_ok(
+        &yaml(
+            r#"addr: "0.0.0.0:8080", proxy_protocol: true, trusted_proxies: ["10.0.0.0/8", "192.0.2.10"]"#,
+        ),
+        &secret,
+    );
+    let nets: Vec<String> = config.listeners[0]
+        .proxy_protocol
+        .as_ref()
+        .expect("proxy protocol on")
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(nets, ["10.0.0.0/8", "192.0.2.10/32"]);
+    assert!(
+        load_ok(MINIMAL, &secret).listeners[0]
+            .proxy_protocol
+            .is_none()
+    );
+
+    let errs = errors(
+        &yaml(r#"addr: "0.0.0.0:8080", proxy_protocol: true"#),
+        &secret,
+    );
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert!(
+        errs[0].starts_with("listeners[0].trusted_proxies: required"),
+        "{errs:?}"
+    );
+    let errs = errors(
+        &yaml(
+            r#"addr: "0.0.0.0:8080", proxy_protocol: true, trusted_proxies: ["10.0.0.0/33", "lb"]"#,
+        ),
+        &secret,
+    );
+    assert_eq!(
+        errs.iter()
+            .map(|e| e.split(':').next().unwrap_or_default())
+            .collect::<Vec<_>>(),
+        [
+            "listeners[0].trusted_proxies[0]",
+            "listeners[0].trusted_proxies[1]"
+        ]
+    );
+    let errs = errors(
+        &yaml(r#"addr: "0.0.0.0:8080", trusted_proxies: ["10.0.0.0/8"]"#),
+        &secret,
+    );
+    assert!(
+        errs[0].starts_with("listeners[0].trusted_proxies: set only with"),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn connection_limits_have_defaults_and_bounds() {
+    let secret = [("VNCGATE_JWT_SECRET", SECRET)];
+    let limits = load_ok(MINIMAL, &secret).limits;
+    assert_eq!(limits.head_timeout, Duration::from_secs(10));
+    assert_eq!(limits.tls_handshake_timeout, Duration::from_secs(10));
+    assert_eq!(limits.max_head_bytes, 64 * 1024);
+    assert_eq!(limits.max_pre_auth_connections, 8192);
+    assert_eq!(limits.max_pre_auth_connections_per_address, 512);
+    let errs = errors(
+        &minimal_with(
+            "limits:\n  head_timeout_seconds: 0\n  max_pre_auth_connections: 10\n  max_pre_auth_connections_per_address: 11\n",
+        ),
+        &secret,
+    );
+    let keys: Vec<&str> = errs
+        .iter()
+        .map(|e| e.split(':').next().unwrap_or_default())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "limits.head_timeout_seconds",
+            "limits.max_pre_auth_connections_per_address"
+        ]
+    );
+}

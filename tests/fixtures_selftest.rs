@@ -421,10 +421,12 @@ async fn tls_client_trusts_an_rcgen_certificate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_xvnc_through_the_bridge() {
-    if !Xvnc::available() {
-        eprintln!("skipping: /usr/bin/Xvnc not installed");
-        return;
-    }
+    // Not skipped when missing: a suite that passes without the real server proves nothing
+    // (scripts/install-deps installs it; CI runs that first).
+    assert!(
+        Xvnc::available(),
+        "/usr/bin/Xvnc is not installed: run scripts/install-deps"
+    );
     let started = Instant::now();
     let xvnc = Xvnc::start_async("selftest desktop", (640, 480))
         .await

@@ -39,6 +39,8 @@ pub(super) struct RawServer {
 pub(super) struct RawListener {
     pub addr: String,
     pub tls: Option<RawTls>,
+    pub proxy_protocol: Option<bool>,
+    pub trusted_proxies: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -127,6 +129,11 @@ pub(super) struct RawLimits {
     pub max_message_bytes: Option<u64>,
     pub ping_interval_seconds: Option<u64>,
     pub pong_timeout_seconds: Option<u64>,
+    pub head_timeout_seconds: Option<u64>,
+    pub tls_handshake_timeout_seconds: Option<u64>,
+    pub max_head_bytes: Option<u64>,
+    pub max_pre_auth_connections: Option<u64>,
+    pub max_pre_auth_connections_per_address: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

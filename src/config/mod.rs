@@ -69,6 +69,9 @@ pub struct ServerSettings {
 pub struct ListenerConfig {
     pub addr: SocketAddr,
     pub tls: Option<TlsFiles>,
+    /// `Some`: every connection must start with a PROXY protocol v1/v2 header, accepted only
+    /// from a peer in these networks; the address it carries is the client's everywhere.
+    pub proxy_protocol: Option<Vec<ipnet::IpNet>>,
 }
 
 #[derive(Debug, Clone)]
@@ -221,6 +224,15 @@ pub struct Limits {
     pub max_message_bytes: usize,
     pub ping_interval: Duration,
     pub pong_timeout: Duration,
+    /// From accept (after the TLS handshake) to the end of the request head; on a keep-alive
+    /// connection, from the first byte of the next request.
+    pub head_timeout: Duration,
+    pub tls_handshake_timeout: Duration,
+    /// A request head above this is answered 400 without being parsed.
+    pub max_head_bytes: usize,
+    /// Connections that have not (yet) presented a valid token: in total, and per client address.
+    pub max_pre_auth_connections: usize,
+    pub max_pre_auth_connections_per_address: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -197,11 +197,60 @@ fn resolve_listeners(p: &mut Problems, raw: Vec<RawListener>) -> Vec<ListenerCon
             cert: check_file(p, &format!("{key}.tls.cert"), &tls.cert),
             key: check_file(p, &format!("{key}.tls.key"), &tls.key),
         });
+        let proxy_protocol = proxy_protocol(
+            p,
+            &key,
+            listener.proxy_protocol.unwrap_or(false),
+            listener.trusted_proxies,
+        );
         if let Some(addr) = addr {
-            listeners.push(ListenerConfig { addr, tls });
+            listeners.push(ListenerConfig {
+                addr,
+                tls,
+                proxy_protocol,
+            });
         }
     }
     listeners
+}
+
+/// `proxy_protocol: true` needs the networks its headers may come from: a header from anyone
+/// would let any client choose the address the throttle and the logs see.
+fn proxy_protocol(
+    p: &mut Problems,
+    key: &str,
+    enabled: bool,
+    trusted: Option<Vec<String>>,
+) -> Option<Vec<ipnet::IpNet>> {
+    let key = format!("{key}.trusted_proxies");
+    let trusted = trusted.unwrap_or_default();
+    if !enabled {
+        if !trusted.is_empty() {
+            p.add(key, "set only with proxy_protocol: true");
+        }
+        return None;
+    }
+    if trusted.is_empty() {
+        p.add(
+            key.clone(),
+            "required with proxy_protocol: true (the networks of the load balancers)",
+        );
+    }
+    let mut nets = Vec::new();
+    for (i, text) in trusted.iter().enumerate() {
+        // A bare address is a network of one.
+        let net = text
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+        match net {
+            Ok(net) => nets.push(net.trunc()),
+            Err(_) => p.add(
+                format!("{key}[{i}]"),
+                format!("invalid network {text:?} (expected an address or CIDR, e.g. 10.0.0.0/8)"),
+            ),
+        }
+    }
+    Some(nets)
 }
 
 fn resolve_paths(p: &mut Problems, raw: Option<Vec<String>>) -> Vec<String> {
@@ -698,6 +747,47 @@ fn resolve_limits(p: &mut Problems, raw: RawLimits) -> Limits {
         20,
         SECONDS,
     );
+    let head_timeout = bounded(
+        p,
+        &key("head_timeout_seconds"),
+        raw.head_timeout_seconds,
+        10,
+        1..=300,
+    );
+    let tls_handshake_timeout = bounded(
+        p,
+        &key("tls_handshake_timeout_seconds"),
+        raw.tls_handshake_timeout_seconds,
+        10,
+        1..=300,
+    );
+    let max_head_bytes = bounded(
+        p,
+        &key("max_head_bytes"),
+        raw.max_head_bytes,
+        64 * 1024,
+        4096..=1024 * 1024,
+    );
+    let pre_auth = bounded(
+        p,
+        &key("max_pre_auth_connections"),
+        raw.max_pre_auth_connections,
+        8192,
+        COUNT,
+    );
+    let pre_auth_per_address = bounded(
+        p,
+        &key("max_pre_auth_connections_per_address"),
+        raw.max_pre_auth_connections_per_address,
+        512,
+        COUNT,
+    );
+    if pre_auth_per_address > pre_auth {
+        p.add(
+            key("max_pre_auth_connections_per_address"),
+            format!("{pre_auth_per_address} is above limits.max_pre_auth_connections ({pre_auth})"),
+        );
+    }
     Limits {
         max_sessions: to_usize(max_sessions),
         max_sessions_per_user: to_usize(per_user),
@@ -706,6 +796,11 @@ fn resolve_limits(p: &mut Problems, raw: RawLimits) -> Limits {
         max_message_bytes: to_usize(message_bytes),
         ping_interval: Duration::from_secs(ping),
         pong_timeout: Duration::from_secs(pong),
+        head_timeout: Duration::from_secs(head_timeout),
+        tls_handshake_timeout: Duration::from_secs(tls_handshake_timeout),
+        max_head_bytes: to_usize(max_head_bytes),
+        max_pre_auth_connections: to_usize(pre_auth),
+        max_pre_auth_connections_per_address: to_usize(pre_auth_per_address),
     }
 }
 

@@ -1,12 +1,19 @@
 //! The Pingora app: one [`Gateway`] shared by every connection of the public listeners.
 //!
-//! - `process_new_http` reads the request and routes it: a WebSocket upgrade on a configured
-//!   path ([`upgrade`]), `/healthz`, a static file from `web_root` ([`static_files`]), or 404.
+//! - [`connection`] takes each accepted connection (PROXY header, pre-auth caps in
+//!   [`pre_auth`], TLS, request heads under a deadline in `head`) and hands each request to
+//!   [`App::serve`], which routes it: a WebSocket upgrade on a configured path ([`upgrade`]),
+//!   `/healthz`, a static file from `web_root` ([`static_files`]), or 404.
 //! - [`refusal`] is the one table from any refusal to its HTTP status and contract code.
 //! - [`admin`] is the separate admin listener (`/healthz`, `/readyz`, `/metrics`, `/admin/*`).
 
 pub mod admin;
+pub mod admin_listener;
+pub mod connection;
 pub mod handshake;
+mod head;
+pub mod pre_auth;
+mod proxy_header;
 pub mod refusal;
 pub mod reload;
 mod respond;
@@ -16,9 +23,8 @@ mod upgrade;
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use http::StatusCode;
-use pingora_core::apps::{HttpServerApp, ReusedHttpStream};
+use pingora_core::apps::ReusedHttpStream;
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::server::ShutdownWatch;
 
@@ -51,6 +57,8 @@ pub struct Gateway {
     pub reloaded: Notify,
     /// Set when the drain starts (SIGTERM or upgrade): `/readyz` answers 503 from then on.
     pub shutting_down: AtomicBool,
+    /// Open connections without a verified token, per client address.
+    pub pre_auth: Arc<pre_auth::PreAuth>,
 }
 
 impl Gateway {
@@ -62,7 +70,9 @@ impl Gateway {
         metrics: Arc<Metrics>,
         tls: Vec<Option<Arc<tls::CertSlot>>>,
     ) -> Gateway {
+        let pre_auth = pre_auth::PreAuth::new(metrics.edge.pre_auth_connections.clone());
         Gateway {
+            pre_auth,
             config: ArcSwap::from_pointee(config),
             verifier: ArcSwap::from_pointee(verifier),
             admission,
@@ -85,14 +95,18 @@ impl Gateway {
     }
 }
 
-/// The public listeners' app.
-pub struct App(pub Arc<Gateway>);
+/// The public listeners' app (its accept path is in [`connection`]).
+pub struct App {
+    pub gw: Arc<Gateway>,
+    pub listeners: Vec<connection::ListenerSpec>,
+}
 
-#[async_trait]
-impl HttpServerApp for App {
-    async fn process_new_http(
-        self: &Arc<Self>,
+impl App {
+    /// One request whose head has been read.
+    pub async fn serve(
+        &self,
         mut session: ServerSession,
+        conn: &mut connection::Connection,
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
         // Every step but the upgrade is boxed: this future lives as long as the connection
@@ -100,11 +114,11 @@ impl HttpServerApp for App {
         if !Box::pin(respond::read_request(&mut session, shutdown)).await {
             return None;
         }
-        let gw = &self.0;
+        let gw = &self.gw;
         let path = session.req_header().uri.path().to_owned();
         let config = gw.config();
         if config.paths.contains(&path) {
-            return upgrade::handle(gw, session).await;
+            return upgrade::handle(gw, session, conn).await;
         }
         let method = session.req_header().method.clone();
         let readable = method == http::Method::GET || method == http::Method::HEAD;

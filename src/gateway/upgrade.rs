@@ -1,7 +1,7 @@
 //! One WebSocket upgrade, from request to session end. Every check that can refuse runs before
 //! the 101, so a refused client gets an HTTP status and a JSON code rather than a close frame.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tracing::{Instrument, Span, field};
 
+use super::connection::Connection;
 use super::handshake::{self, Handshake};
 use super::refusal::{ErrorCode, Refusal};
 use super::{Gateway, respond};
@@ -56,9 +57,13 @@ struct Held {
     _backend_session: BackendSessionGuard,
 }
 
-pub async fn handle(gw: &Arc<Gateway>, session: ServerSession) -> Option<ReusedHttpStream> {
+pub async fn handle(
+    gw: &Arc<Gateway>,
+    session: ServerSession,
+    conn: &mut Connection,
+) -> Option<ReusedHttpStream> {
     let conn_id = gw.sessions.next_conn_id();
-    let client_addr: Option<SocketAddr> = session.client_addr().and_then(|a| a.as_inet()).copied();
+    let client_addr = conn.client_addr;
     let span = tracing::info_span!(
         "conn",
         conn_id,
@@ -71,8 +76,7 @@ pub async fn handle(gw: &Arc<Gateway>, session: ServerSession) -> Option<ReusedH
     // Admission, refusal and the 101 run in their own box: they are over once the session
     // runs, and inline they (and the HTTP session they hold) would add their size to the
     // future that every live session keeps for hours.
-    let upgraded =
-        Box::pin(upgrade(gw, session, conn_id, client_addr).instrument(span.clone())).await?;
+    let upgraded = Box::pin(upgrade(gw, session, conn_id, conn).instrument(span.clone())).await?;
     let start = session_start(gw, upgraded, conn_id);
     session::serve(start).instrument(span).await;
     None
@@ -147,11 +151,11 @@ async fn upgrade(
     gw: &Arc<Gateway>,
     mut session: ServerSession,
     conn_id: u64,
-    client_addr: Option<SocketAddr>,
+    conn: &mut Connection,
 ) -> Option<Upgraded> {
     let started = Instant::now();
-    let ip = client_addr.map(|a| a.ip());
-    match admit(gw, &session, conn_id, client_addr).await {
+    let ip = conn.client_addr.map(|a| a.ip());
+    match admit(gw, &session, conn_id, conn).await {
         Err(refusal) => {
             refuse(gw, session, ip, refusal).await;
             None
@@ -160,11 +164,16 @@ async fn upgrade(
             gw.metrics
                 .upgrade_duration
                 .observe(started.elapsed().as_secs_f64());
-            let early = switch_protocols(&mut session, &admitted.handshake).await?;
-            gw.metrics.upgrades_total.with_label_values(&["ok"]).inc();
-            let ServerSession::H1(h1) = session else {
+            let switched = switch_protocols(&mut session, &admitted.handshake).await;
+            let (Some(early), ServerSession::H1(h1)) = (switched, session) else {
+                // The client is gone before its session started: a pin this upgrade created
+                // would otherwise hold the sid (and its owner) for the whole idle TTL.
+                gw.router
+                    .release_created(admitted.claims.session_id(), &admitted.placement)
+                    .await;
                 return None;
             };
+            gw.metrics.upgrades_total.with_label_values(&["ok"]).inc();
             Some(Upgraded {
                 stream: h1.into_inner(),
                 early,
@@ -179,8 +188,9 @@ async fn admit(
     gw: &Arc<Gateway>,
     session: &ServerSession,
     conn_id: u64,
-    client_addr: Option<SocketAddr>,
+    conn: &mut Connection,
 ) -> Result<Admitted, Refusal> {
+    let client_addr = conn.client_addr;
     let ip = client_addr.map(|a| a.ip());
     // Only after the drain deadline: during the drain window an upgrade that still reaches this
     // process (accepted just before Pingora stopped its listeners, or during a binary upgrade's
@@ -218,6 +228,7 @@ async fn admit(
         .ok_or(crate::auth::AuthError::Missing)?;
     let claims = gw.verifier().verify(&token).await?;
     drop(token);
+    conn.authenticated();
     authorize::authorize(&claims, &config)?;
     if let Some(jti) = &claims.jti
         && gw.router.is_revoked(jti).await

@@ -139,6 +139,8 @@ pub struct GatewayConfig {
     /// Whether `start` waits for `store_connected` (off for a Redis that is down on purpose).
     pub await_store: bool,
     pub session_idle_ttl_seconds: u64,
+    /// `Some(trusted)`: the listener takes a PROXY protocol header from these networks.
+    pub proxy_protocol: Option<Vec<String>>,
 }
 
 impl GatewayConfig {
@@ -160,6 +162,7 @@ impl GatewayConfig {
             redis_url: None,
             await_store: true,
             session_idle_ttl_seconds: 3600,
+            proxy_protocol: None,
         }
     }
 }
@@ -272,7 +275,7 @@ impl Gateway {
             }
         }
         let pool_extra = format!("{}{}", pool_section(&cfg), cfg.pool_extra);
-        let listener = match &cfg.tls {
+        let mut listener = match &cfg.tls {
             None => format!("  - addr: \"127.0.0.1:{port}\"\n"),
             Some((cert, key)) => format!(
                 "  - addr: \"127.0.0.1:{port}\"\n    tls: {{ cert: \"{}\", key: \"{}\" }}\n",
@@ -280,6 +283,12 @@ impl Gateway {
                 key.display()
             ),
         };
+        if let Some(trusted) = &cfg.proxy_protocol {
+            listener.push_str(&format!(
+                "    proxy_protocol: true\n    trusted_proxies: {}\n",
+                serde_json::to_string(trusted).expect("json list")
+            ));
+        }
         let web_root = cfg
             .web_root
             .as_ref()

@@ -43,6 +43,10 @@ pub struct WsConnect {
     /// the 101 selects none of them, as Chromium does.
     pub subprotocols: Vec<String>,
     pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Bytes written right after the TCP connect, before TLS and HTTP (a PROXY header).
+    pub preamble: Vec<u8>,
+    /// The local address to connect from (another loopback address is another client).
+    pub from: Option<std::net::IpAddr>,
 }
 
 impl WsConnect {
@@ -52,8 +56,19 @@ impl WsConnect {
             headers: Vec::new(),
             subprotocols: Vec::new(),
             tls: None,
+            preamble: Vec::new(),
+            from: None,
         }
     }
+}
+
+/// A TCP connection to `port` on 127.0.0.1 from `from` (any 127.0.0.0/8 address is local).
+pub async fn connect_from(from: std::net::IpAddr, port: u16) -> io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(std::net::SocketAddr::new(from, 0))?;
+    socket
+        .connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+        .await
 }
 
 enum Transport {
@@ -171,7 +186,14 @@ pub async fn connect(c: &WsConnect) -> Result<(WsClient, Response), WsError> {
         .port_u16()
         .unwrap_or(if secure_scheme { 443 } else { 80 });
 
-    let tcp = TcpStream::connect((host.as_str(), port)).await?;
+    let mut tcp = match c.from {
+        Some(from) => connect_from(from, port).await?,
+        None => TcpStream::connect((host.as_str(), port)).await?,
+    };
+    if !c.preamble.is_empty() {
+        use tokio::io::AsyncWriteExt;
+        tcp.write_all(&c.preamble).await?;
+    }
     // Latency assertions would otherwise measure Nagle's delay on small RFB messages.
     tcp.set_nodelay(true)?;
     let transport = match &c.tls {
