@@ -38,9 +38,18 @@ pub enum Command {
         daemon: bool,
     },
     /// Validate a config file: exit 0, or 2 with one line per problem.
+    ///
+    /// Without --lint the check is made for this machine: the files the config names are read
+    /// (public keys parsed, TLS certificates and keys loaded, as `run` would) and the variables
+    /// its `*_env` keys name must be set.
     CheckConfig {
         #[arg(long)]
         config: PathBuf,
+        /// Check the file alone, as a pre-deploy lint in CI: schema, every key, ranges and
+        /// cross-key rules, without reading the files it names or requiring the variables its
+        /// `*_env` keys name (those are checked to be variable names only).
+        #[arg(long)]
+        lint: bool,
     },
     /// Print an HS256 token signed with the configured secret.
     Token(TokenArgs),
@@ -144,7 +153,17 @@ pub fn main() -> i32 {
                 }
             }
         }
-        Command::CheckConfig { config } => match load(&config) {
+        Command::CheckConfig { config, lint: true } => match Config::lint(&config) {
+            Ok(()) => EXIT_OK,
+            Err(errors) => {
+                eprintln!("{errors}");
+                EXIT_USAGE
+            }
+        },
+        Command::CheckConfig {
+            config,
+            lint: false,
+        } => match load(&config) {
             Ok(c) => {
                 // What `run` would load beyond the file itself: keys and certificates, so a
                 // config that passes here does not fail at start.

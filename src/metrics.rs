@@ -33,7 +33,7 @@ impl Drop for GaugeGuard {
 pub const DIRECTIONS: [&str; 2] = ["client_to_backend", "backend_to_client"];
 /// `vncgate_input_dropped_total{kind}` (contract §8).
 pub const INPUT_KINDS: [&str; 5] = ["key", "pointer", "clipboard", "desktop_size", "other"];
-pub const STORE_OPS: [&str; 9] = [
+pub const STORE_OPS: [&str; 13] = [
     "get",
     "claim",
     "replace",
@@ -41,8 +41,12 @@ pub const STORE_OPS: [&str; 9] = [
     "release",
     "revoke",
     "check_revoked",
+    "kick",
+    "check_kicked",
     "publish",
     "connect",
+    "ping",
+    "subscribe",
 ];
 
 pub struct Metrics {
@@ -59,6 +63,9 @@ pub struct Metrics {
     pub backend_sessions: IntGaugeVec,
     pub backend_connect_duration: HistogramVec,
     pub store_up: IntGauge,
+    /// Not in the contract's table (an addition): 1 while the `{prefix}events` subscription is
+    /// live and answers its pings, i.e. kicks and revocations from other replicas arrive.
+    pub store_subscriber_up: IntGauge,
     pub store_errors_total: IntCounterVec,
     pub store_op_duration: HistogramVec,
     pub auth_failures_total: IntCounterVec,
@@ -68,6 +75,15 @@ pub struct Metrics {
     /// Backend -> client bytes moved by splice(2), never copied into user space: shows whether
     /// the zero-copy path is in use (it is not on TLS listeners, nor where the kernel refuses).
     pub relay_spliced_bytes_total: IntCounter,
+    /// Not in the contract's table (an addition): bytes of client messages still arriving that
+    /// sessions hold beyond one read chunk each, summed (src/bridge/budget.rs).
+    pub message_buffer_bytes: IntGauge,
+    /// Configured `limits.message_buffer_budget_bytes`: the ceiling of `message_buffer_bytes`.
+    pub message_buffer_budget_bytes: IntGauge,
+    /// Sessions closed with 1009 because that budget was exhausted.
+    pub message_budget_exhausted_total: IntCounter,
+    /// The budget itself, shared by every session; it keeps the three series above.
+    pub message_budget: std::sync::Arc<crate::bridge::budget::MessageBudget>,
     /// Configured capacity, so alerts can compare `sessions_active` with it.
     pub max_sessions: Gauge,
     /// 1 for the hash of the config file in use (the series of older hashes are removed).
@@ -110,8 +126,30 @@ impl Metrics {
     pub fn new(config: &Config) -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
         let edge = crate::gateway::pre_auth::EdgeMetrics::register(&registry)?;
+        let message_buffer_bytes = IntGauge::new(
+            "vncgate_message_buffer_bytes",
+            "Bytes of unfinished client messages held beyond one read chunk per session.",
+        )?;
+        let message_buffer_budget_bytes = IntGauge::new(
+            "vncgate_message_buffer_budget_bytes",
+            "Configured limits.message_buffer_budget_bytes.",
+        )?;
+        let message_budget_exhausted_total = IntCounter::new(
+            "vncgate_message_budget_exhausted_total",
+            "Sessions closed with 1009 because the message buffer budget was exhausted.",
+        )?;
+        let message_budget = std::sync::Arc::new(crate::bridge::budget::MessageBudget::new(
+            config.limits.message_buffer_budget_bytes,
+            message_buffer_bytes.clone(),
+            message_buffer_budget_bytes.clone(),
+            message_budget_exhausted_total.clone(),
+        ));
         let m = Metrics {
             edge,
+            message_buffer_bytes,
+            message_buffer_budget_bytes,
+            message_budget_exhausted_total,
+            message_budget,
             build_info: GaugeVec::new(
                 Opts::new("vncgate_build_info", "Build information; always 1."),
                 &["version"],
@@ -178,6 +216,10 @@ impl Metrics {
                 &["pool"],
             )?,
             store_up: IntGauge::new("vncgate_store_up", "1 when the session store is reachable.")?,
+            store_subscriber_up: IntGauge::new(
+                "vncgate_store_subscriber_up",
+                "1 when the session store's event subscription (kicks, revocations from other replicas) is live.",
+            )?,
             store_errors_total: IntCounterVec::new(
                 Opts::new(
                     "vncgate_store_errors_total",
@@ -277,11 +319,15 @@ impl Metrics {
         r.register(Box::new(self.backend_sessions.clone()))?;
         r.register(Box::new(self.backend_connect_duration.clone()))?;
         r.register(Box::new(self.store_up.clone()))?;
+        r.register(Box::new(self.store_subscriber_up.clone()))?;
         r.register(Box::new(self.store_errors_total.clone()))?;
         r.register(Box::new(self.store_op_duration.clone()))?;
         r.register(Box::new(self.auth_failures_total.clone()))?;
         r.register(Box::new(self.relay_buffered_bytes.clone()))?;
         r.register(Box::new(self.relay_spliced_bytes_total.clone()))?;
+        r.register(Box::new(self.message_buffer_bytes.clone()))?;
+        r.register(Box::new(self.message_buffer_budget_bytes.clone()))?;
+        r.register(Box::new(self.message_budget_exhausted_total.clone()))?;
         r.register(Box::new(self.max_sessions.clone()))?;
         r.register(Box::new(self.config_info.clone()))?;
         r.register(Box::new(self.config_reloads_total.clone()))?;
@@ -307,6 +353,8 @@ impl Metrics {
             .unwrap_or(0.0);
         self.config_last_reload_timestamp.set(now);
         self.max_sessions.set(config.limits.max_sessions as f64);
+        self.message_budget
+            .set_limit(config.limits.message_buffer_budget_bytes);
         for (pool_name, pool) in &config.pools {
             self.sessions_active.with_label_values(&[pool_name]);
             self.session_duration.with_label_values(&[pool_name]);
@@ -357,6 +405,7 @@ impl Metrics {
         }
         // The embedded store is always reachable; a remote store reports its own state.
         self.store_up.set(1);
+        self.store_subscriber_up.set(1);
         for result in ["ok", "error"] {
             self.config_reloads_total.with_label_values(&[result]);
         }

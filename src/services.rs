@@ -9,6 +9,7 @@
 //! - [`Drain`]: on SIGTERM or upgrade, refuse new sessions, give live ones
 //!   `server.drain_seconds`, close the rest with 1001, exit 0 as soon as none is left.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,8 +24,9 @@ use crate::config::Config;
 use crate::control;
 use crate::gateway::Gateway;
 use crate::readiness;
-use crate::routing::Pin;
-use crate::routing::redis::{LivePins, RedisStore};
+use crate::routing::redis::{RedisStore, Replica};
+use crate::routing::{Pin, StoreError};
+use crate::sessions::Role;
 
 /// After the drain deadline, how long closing handshakes may take before the process exits.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(6);
@@ -50,51 +52,101 @@ pub struct JwksRefresh(pub Arc<Gateway>);
 #[async_trait]
 impl BackgroundService for JwksRefresh {
     async fn start(&self, mut shutdown: ShutdownWatch) {
+        let reloaded = &self.0.reloaded;
         loop {
+            // Registered before the verifier is read: a reload that swaps it in between still
+            // wakes this loop (`notify_waiters` reaches registered waiters only). A JWKS cache
+            // whose refresh never ran would stay `loading`, and the process unready.
+            let mut notified = std::pin::pin!(reloaded.notified());
+            notified.as_mut().enable();
             let jwks = self.0.verifier().jwks().cloned();
-            tokio::select! {
-                _ = async {
-                    match jwks {
-                        Some(j) => j.run_refresh().await,
-                        None => std::future::pending().await,
-                    }
-                } => return,
-                _ = self.0.reloaded.notified() => continue,
-                _ = shutdown.changed() => return,
+            let runner = jwks.clone();
+            let mut refresh = std::pin::pin!(async move {
+                match runner {
+                    Some(j) => j.run_refresh().await,
+                    None => std::future::pending().await,
+                }
+            });
+            loop {
+                tokio::select! {
+                    _ = &mut refresh => return,
+                    _ = &mut notified => {}
+                    _ = shutdown.changed() => return,
+                }
+                notified.set(reloaded.notified());
+                notified.as_mut().enable();
+                // A reload that kept this cache (same settings) keeps its schedule: restarting
+                // it would refetch at once on every SIGHUP.
+                let kept = match (self.0.verifier().jwks(), &jwks) {
+                    (Some(now), Some(before)) => Arc::ptr_eq(now, before),
+                    (None, None) => true,
+                    _ => false,
+                };
+                if !kept {
+                    break;
+                }
             }
         }
     }
 }
 
-/// Keeps the Redis connection (reconnect, write-back) and the `{prefix}events` subscription.
+/// Keeps the Redis connection (liveness, reconnect, write-back) and the `{prefix}events`
+/// subscription (liveness, resubscription, catch-up).
 pub struct StoreSupervisor(pub Arc<Gateway>, pub Arc<RedisStore>);
 
 #[async_trait]
 impl BackgroundService for StoreSupervisor {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let gw = Arc::clone(&self.0);
-        let sessions = Arc::clone(&gw.sessions);
-        let live_pins: LivePins = Arc::new(move || {
-            sessions
-                .list()
-                .into_iter()
-                .map(|s| {
-                    let pin = Pin {
-                        backend: s.backend,
-                        pool: s.pool,
-                        owner: s.user_id,
-                        created_at_ms: s.started_at_ms,
-                        updated_at_ms: s.started_at_ms,
-                    };
-                    (s.session_id, pin)
-                })
-                .collect()
-        });
+        let replica = Arc::new(GatewayReplica(Arc::clone(&self.0)));
         tokio::select! {
-            _ = Arc::clone(&self.1).run_supervisor(live_pins) => {}
-            _ = Arc::clone(&self.1).run_subscriber(control::subscriber(gw)) => {}
+            _ = Arc::clone(&self.1).run(replica) => {}
             _ = shutdown.changed() => {}
         }
+    }
+}
+
+/// This replica as the store's background tasks see it.
+struct GatewayReplica(Arc<Gateway>);
+
+#[async_trait]
+impl Replica for GatewayReplica {
+    /// One pin per live session: the one this replica holds for it (right owner and creation
+    /// time, also when only shares of it are live here), else one made from an owner's
+    /// connection.
+    async fn live_pins(&self) -> Vec<(String, Pin)> {
+        let gw = &self.0;
+        let mut pins = BTreeMap::new();
+        for s in gw.sessions.list() {
+            // Registered before placement: no backend yet, nothing to write back.
+            if pins.contains_key(&s.session_id) || s.backend.is_empty() {
+                continue;
+            }
+            let pin = match gw.router.cached(&s.session_id).await {
+                Some(pin) => pin,
+                None if s.role == Role::Owner => Pin {
+                    backend: s.backend,
+                    pool: s.pool,
+                    owner: s.user_id,
+                    created_at_ms: s.started_at_ms,
+                    updated_at_ms: s.started_at_ms,
+                },
+                None => continue,
+            };
+            pins.insert(s.session_id, pin);
+        }
+        pins.into_iter().collect()
+    }
+
+    async fn adopt_pin(&self, sid: &str, pin: Pin) {
+        self.0.router.adopt(sid, &pin).await;
+    }
+
+    fn on_event(&self, payload: &str) {
+        control::on_event(&self.0, payload);
+    }
+
+    async fn catch_up(&self) -> Result<(), StoreError> {
+        control::catch_up(&self.0).await.map(|_| ())
     }
 }
 

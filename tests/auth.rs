@@ -11,6 +11,7 @@ use common::jwks_server::JwksServer;
 use common::rfb_client::{self, WsConnect};
 use common::rfb_server::{Mode, RfbServer};
 use common::{BackendSpec, Gateway, GatewayConfig, SECRET, now};
+use futures_util::future::join_all;
 use jsonwebtoken::jwk::{Jwk, JwkSet};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use rstest::rstest;
@@ -357,6 +358,9 @@ async fn jwks_rotation_outage_and_removal() {
     gw.wait_log(|v| v["event"] == "jwks_fetch_failed").await;
     assert_eq!(attempt(&gw, Some(&k1), None).await, Ok(()));
     assert_eq!(attempt(&gw, Some(&k2), None).await, Ok(()));
+    // Still ready: the cached keys verify. But it says they could not be refreshed.
+    let (status, ready) = readyz(&gw).await;
+    assert_eq!((status, &ready["jwks"]), (200, &json!("stale")), "{ready}");
 
     // Back up without k1: after the next refetch, k1 is refused.
     idp.set_down(false);
@@ -370,6 +374,8 @@ async fn jwks_rotation_outage_and_removal() {
         refused(401, "token_signature")
     );
     assert_eq!(attempt(&gw, Some(&k2), None).await, Ok(()));
+    let (status, ready) = readyz(&gw).await;
+    assert_eq!((status, &ready["jwks"]), (200, &json!("ok")), "{ready}");
 }
 
 #[tokio::test]
@@ -396,6 +402,146 @@ async fn jwks_refetches_for_unknown_kids_are_rate_limited() {
         fetched_at_start,
         "unknown kids made vncgate refetch within the interval"
     );
+}
+
+fn jwks_refreshed(v: &Value) -> bool {
+    v["event"] == "jwks_refreshed"
+}
+
+async fn readyz(gw: &Gateway) -> (u16, Value) {
+    let (status, body) = gw.admin_get("/readyz").await;
+    (status, serde_json::from_str(&body).expect("readyz json"))
+}
+
+/// A key rotation seen by many users at once: twenty upgrades signed with a key the provider
+/// published after vncgate's last fetch all succeed, because each waits for the one refetch
+/// and is verified against what it brought (before, only the request that ran the refetch did;
+/// the others were refused with the keys they had loaded before waiting). The provider is
+/// asked once.
+#[tokio::test]
+async fn jwks_rotation_under_concurrent_upgrades_refuses_none_and_fetches_once() {
+    let idp = JwksServer::start(key_set(vec![jwk(Algorithm::RS256, "rsa.key", "k1")])).await;
+    // One second between fetches: the burst below most likely arrives within it and waits for
+    // the next allowed fetch; arriving later, it triggers that fetch at once. Same outcome.
+    let (_backend, gw) = gateway(jwks_auth(&idp.url, 1)).await;
+    gw.wait_log(jwks_refreshed).await;
+    let before = idp.fetches();
+
+    idp.set_body(key_set(vec![
+        jwk(Algorithm::RS256, "rsa.key", "k1"),
+        jwk(Algorithm::ES256, "ec256.key", "k2"),
+    ]));
+    // Twenty users (one user may hold only `max_sessions_per_user` sessions at once).
+    let tokens: Vec<String> = (0..20)
+        .map(|i| {
+            let body = json!({"sub": format!("user-{i}"), "exp": now() + 600});
+            sign(Algorithm::ES256, "ec256.key", Some("k2"), &body)
+        })
+        .collect();
+    let results = join_all(tokens.iter().map(|t| attempt(&gw, Some(t), None))).await;
+    assert!(
+        results.iter().all(|r| r.is_ok()),
+        "refused during a rotation: {results:?}"
+    );
+    assert_eq!(
+        idp.fetches() - before,
+        1,
+        "the waiting upgrades did not share one fetch"
+    );
+}
+
+/// Before the first fetch lands, vncgate is not ready (`/readyz` 503, `"jwks": "loading"`) and
+/// tokens wait for that fetch instead of being refused; once it lands they are accepted and
+/// `/readyz` says `ok`.
+#[tokio::test]
+async fn tokens_wait_for_the_first_jwks_fetch_and_readyz_is_503_until_it_lands() {
+    let idp = JwksServer::start(key_set(vec![jwk(Algorithm::RS256, "rsa.key", "k1")])).await;
+    idp.hold();
+    let (_backend, gw) = gateway(jwks_auth(&idp.url, 1)).await;
+    idp.wait_received(1).await;
+    let (status, ready) = readyz(&gw).await;
+    assert_eq!(status, 503, "{ready}");
+    assert_eq!(ready["jwks"], "loading", "{ready}");
+
+    let body = json!({"sub": "alice", "exp": now() + 600});
+    let with_kid = sign(Algorithm::RS256, "rsa.key", Some("k1"), &body);
+    let without_kid = sign(Algorithm::RS256, "rsa.key", None, &body);
+    let upgrades = join_all([
+        attempt(&gw, Some(&with_kid), None),
+        attempt(&gw, Some(&without_kid), None),
+    ]);
+    tokio::pin!(upgrades);
+    // Both reach the verifier and wait there while the provider has not answered; were they
+    // refused at once, the upgrades would end first.
+    tokio::select! {
+        _ = gw.wait_logs(2, |v| v["event"] == "jwks_wait") => {}
+        ended = &mut upgrades => panic!("upgrades ended before the first JWKS fetch landed: {ended:?}"),
+    }
+    idp.release();
+    let results = upgrades.await;
+    assert_eq!(results, vec![Ok(()), Ok(())]);
+    let (status, ready) = readyz(&gw).await;
+    assert_eq!(status, 200, "{ready}");
+    assert_eq!(ready["jwks"], "ok", "{ready}");
+}
+
+/// A token with a forged `kid` makes vncgate refetch; a key the provider publishes right after
+/// is not locked out for the rest of `jwks_min_refresh_seconds`: a token signed with it waits
+/// for the next allowed fetch and is accepted. And a flood of forged `kid`s still gets at most
+/// one fetch per interval.
+#[tokio::test]
+async fn key_published_after_a_forged_kid_refetch_is_accepted_and_refetches_stay_rate_limited() {
+    const MIN_REFRESH: u64 = 1;
+    let idp = JwksServer::start(key_set(vec![jwk(Algorithm::RS256, "rsa.key", "k1")])).await;
+    let (_backend, gw) = gateway(jwks_auth(&idp.url, MIN_REFRESH)).await;
+    gw.wait_log(jwks_refreshed).await;
+    let before = idp.fetches();
+    let body = json!({"sub": "alice", "exp": now() + 600});
+
+    let forged = sign(Algorithm::RS256, "rsa-other.key", Some("forged"), &body);
+    assert_eq!(
+        attempt(&gw, Some(&forged), None).await,
+        refused(401, "token_signature")
+    );
+    assert_eq!(
+        idp.fetches() - before,
+        1,
+        "the forged kid was refused without the refetch it waited for"
+    );
+
+    idp.set_body(key_set(vec![
+        jwk(Algorithm::RS256, "rsa.key", "k1"),
+        jwk(Algorithm::ES256, "ec256.key", "k2"),
+    ]));
+    let k2 = sign(Algorithm::ES256, "ec256.key", Some("k2"), &body);
+    assert_eq!(attempt(&gw, Some(&k2), None).await, Ok(()));
+    assert_eq!(idp.fetches() - before, 2);
+
+    // Fetch starts are at least MIN_REFRESH apart, so in a window of `elapsed` there are at most
+    // elapsed / MIN_REFRESH + 1 of them, however long the flood takes on this machine.
+    let flood: Vec<String> = (0..30)
+        .map(|i| {
+            let kid = format!("forged-{i}");
+            sign(Algorithm::RS256, "rsa-other.key", Some(&kid), &body)
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    let before_flood = idp.fetches();
+    let results = join_all(flood.iter().map(|t| attempt(&gw, Some(t), None))).await;
+    let elapsed = started.elapsed();
+    let fetched = idp.fetches() - before_flood;
+    assert!(
+        results
+            .iter()
+            .all(|r| *r == refused(401, "token_signature")),
+        "{results:?}"
+    );
+    let bound = elapsed.as_secs() / MIN_REFRESH + 1;
+    assert!(
+        (1..=bound).contains(&fetched),
+        "{fetched} fetches for 30 forged kids in {elapsed:?} (rate limit: one per {MIN_REFRESH}s)"
+    );
+    assert_eq!(attempt(&gw, Some(&k2), None).await, Ok(()));
 }
 
 async fn open_session(gw: &Gateway, token: &str) -> (rfb_client::WsClient, rfb_client::RfbSession) {

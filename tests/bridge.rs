@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use common::rfb_client::{self, WsConnect};
 use common::rfb_server::{FLOOD_SEED, FloodGen, Mode, RfbServer, flood_stream_sha256};
-use common::{BackendSpec, Gateway, GatewayConfig, token};
+use common::{BackendSpec, Gateway, GatewayConfig, raw_upgrade, token};
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
@@ -403,36 +403,6 @@ async fn sigterm_drains_live_sessions_with_1001_and_exits_0() {
     assert_eq!(ended["close_code"], 1001);
 }
 
-/// Upgrade by hand over raw TCP and return the socket: a peer we can make misbehave in ways no
-/// WebSocket library allows (never read, never answer a ping: a half-open connection).
-async fn raw_upgrade(gw: &Gateway, sub: &str) -> tokio::net::TcpStream {
-    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
-        .await
-        .expect("connect");
-    let request = format!(
-        "GET /websockify?token={} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        token(sub, None)
-    );
-    tcp.write_all(request.as_bytes()).await.expect("write");
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        assert_eq!(
-            tcp.read(&mut byte).await.expect("read"),
-            1,
-            "closed during upgrade"
-        );
-        head.push(byte[0]);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 101"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
-    tcp
-}
-
 #[tokio::test]
 async fn a_peer_that_never_answers_pings_is_dropped_as_dead() {
     let backend = RfbServer::start(Mode::Echo).await.expect("fixture");
@@ -501,4 +471,50 @@ async fn close_codes_sent_by_clients_are_not_counted_as_the_gateways() {
         gw.metric("vncgate_disconnects_total{code=\"1000\"}").await,
         2.0
     );
+}
+
+/// A frame the WebSocket protocol forbids, sent while the gateway (terminate mode) is still in
+/// its RFB handshake with the browser, gets the same 1002 as in the relay, not a silent drop.
+#[tokio::test]
+async fn a_protocol_error_during_the_browser_handshake_is_closed_with_1002() {
+    let backend = RfbServer::start(Mode::Rfb {
+        name: "d".into(),
+        width: 16,
+        height: 16,
+        rgb: [0, 0, 0],
+    })
+    .await
+    .expect("fixture");
+    let gw = gateway_for(&backend).await;
+    let mut tcp = raw_upgrade(&gw, "unmasked").await;
+    // The gateway speaks first: its ProtocolVersion in one binary frame.
+    let (b0, version) = read_server_frame(&mut tcp).await.expect("version");
+    assert_eq!((b0, &version[..]), (0x82, &b"RFB 003.008\n"[..]));
+    // The answer, unmasked (RFC 6455 §5.1: a server must fail such a connection).
+    let mut frame = vec![0x82, 12];
+    frame.extend_from_slice(b"RFB 003.008\n");
+    tcp.write_all(&frame).await.expect("write");
+    let (b0, close) = read_server_frame(&mut tcp).await.expect("close frame");
+    assert_eq!(b0, 0x88);
+    assert_eq!(u16::from_be_bytes([close[0], close[1]]), 1002);
+    let ended = gw.wait_log(|v| v["event"] == "session_ended").await;
+    assert_eq!(ended["close_code"], 1002);
+    assert_eq!(
+        gw.metric("vncgate_disconnects_total{code=\"1002\"}").await,
+        1.0
+    );
+}
+
+/// One frame from the gateway (unmasked): its first header byte and its payload.
+async fn read_server_frame(tcp: &mut tokio::net::TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+    let mut h = [0u8; 2];
+    tcp.read_exact(&mut h).await?;
+    let len = match h[1] & 0x7F {
+        126 => usize::from(tcp.read_u16().await?),
+        127 => usize::try_from(tcp.read_u64().await?).map_err(std::io::Error::other)?,
+        n => usize::from(n),
+    };
+    let mut payload = vec![0u8; len];
+    tcp.read_exact(&mut payload).await?;
+    Ok((h[0], payload))
 }

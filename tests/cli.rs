@@ -340,6 +340,101 @@ logging:
     );
 }
 
+/// A config as CI sees it before a deploy: its certificates and secrets exist only in the target
+/// environment.
+const TARGET_ONLY: &str = r#"
+listeners:
+  - addr: "0.0.0.0:8443"
+    tls: { cert: /etc/vncgate/tls/cert.pem, key: /etc/vncgate/tls/key.pem }
+admin: { addr: "127.0.0.1:9600", token_env: VNCGATE_ADMIN_TOKEN }
+auth:
+  algorithms: [HS256, RS256]
+  public_key_files: [/etc/vncgate/jwt-public.pem]
+store: { kind: redis }
+pools:
+  default:
+    rfb: { password_env: VNCGATE_VNC_PASSWORD }
+    backends:
+      - { name: desk-a, addr: "10.0.0.11:5901" }
+"#;
+
+#[test]
+fn check_config_lint_needs_neither_the_files_nor_the_variables() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("vncgate.yaml");
+    std::fs::write(&path, TARGET_ONLY).expect("write config");
+    let config = path_str(&path);
+
+    let out = vncgate(&["check-config", "--config", config, "--lint"], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(
+        out.stdout.is_empty() && out.stderr.is_empty(),
+        "{}",
+        describe(&out)
+    );
+
+    // Without --lint, the same file is checked for this machine: each missing file and variable.
+    let out = vncgate(&["check-config", "--config", config], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    let keys: BTreeSet<String> = lines(&out.stderr)
+        .iter()
+        .map(|line| line.split(": ").next().unwrap_or_default().to_owned())
+        .collect();
+    let expected: BTreeSet<String> = [
+        "listeners[0].tls.cert",
+        "listeners[0].tls.key",
+        "admin.token_env",
+        "auth.secret_env",
+        "auth.public_key_files[0]",
+        "store.redis_url_env",
+        "pools.default.rfb.password_env",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect();
+    assert_eq!(keys, expected, "{}", describe(&out));
+}
+
+#[test]
+fn check_config_lint_still_reports_unknown_keys_and_ranges() {
+    let yaml = format!("{TARGET_ONLY}limits:\n  max_session: 5\n  max_sessions_per_user: 0\n");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("vncgate.yaml");
+    std::fs::write(&path, yaml).expect("write config");
+    let out = vncgate(
+        &["check-config", "--lint", "--config", path_str(&path)],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(out.stdout.is_empty(), "{}", describe(&out));
+    let err = lines(&out.stderr);
+    assert_eq!(err.len(), 2, "{}", describe(&out));
+    assert!(
+        err[0].starts_with("limits.max_session: unknown field `max_session`, expected"),
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(err[1], "limits.max_sessions_per_user: must be at least 1");
+}
+
+/// What a CI job would run on the repository's own configs: as shipped, with no environment.
+#[test]
+fn every_config_in_conf_passes_check_config_lint() {
+    for file in conf_files() {
+        let out = vncgate(
+            &["check-config", "--lint", "--config", path_str(&file)],
+            &[],
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}: {}",
+            file.display(),
+            describe(&out)
+        );
+    }
+}
+
 #[test]
 fn check_config_on_a_missing_file_is_one_line() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -377,6 +472,9 @@ fn help_goes_to_stdout_and_exits_0() {
         describe(&out)
     );
     assert!(out.stderr.is_empty(), "{}", describe(&out));
+    let out = vncgate(&["check-config", "--help"], &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(text(&out.stdout).contains("--lint"), "{}", describe(&out));
 }
 
 // ---- token ----------------------------------------------------------------------------------

@@ -519,14 +519,173 @@ fn errors_display_one_per_line() {
 )]
 #[case::limits("limits:\n  max_session: 5\n", "limits.max_session")]
 fn unknown_keys_are_rejected_with_their_path(#[case] yaml: &str, #[case] key: &str) {
-    let errors = load(yaml, &[]).expect_err("unknown key");
-    assert_eq!(errors.0.len(), 1, "{errors}");
-    assert_eq!(errors.0[0].key, key);
-    let unknown = key.rsplit('.').next().unwrap_or(key);
+    // These fragments are incomplete configs: their other problems (no listeners, no pools) are
+    // reported too, now that an unknown key no longer stops the check.
+    let errors = load(yaml, &[("VNCGATE_JWT_SECRET", SECRET)]).expect_err("unknown key");
+    let unknown: Vec<&ConfigError> = errors
+        .iter()
+        .filter(|e| e.message.starts_with("unknown field"))
+        .collect();
+    assert_eq!(unknown.len(), 1, "{errors}");
+    assert_eq!(unknown[0].key, key);
+    let field = key.rsplit('.').next().unwrap_or(key);
     assert!(
-        errors.0[0]
+        unknown[0]
             .message
-            .starts_with(&format!("unknown field `{unknown}`")),
+            .starts_with(&format!("unknown field `{field}`")),
+        "{errors}"
+    );
+}
+
+/// `run` and a reload use the same loader: a config that is otherwise valid is refused for a typo.
+#[test]
+fn an_unknown_key_alone_makes_a_config_invalid() {
+    let yaml = minimal_with("limits:\n  max_session: 5\n");
+    let errors = load(&yaml, &[("VNCGATE_JWT_SECRET", SECRET)]).expect_err("unknown key");
+    assert_eq!(errors.0.len(), 1, "{errors}");
+    assert_eq!(errors.0[0].key, "limits.max_session");
+}
+
+/// An operator fixes every typo in one run: each unknown key, wherever it is, and the other
+/// problems of the file, one line each and in the order of the file.
+#[test]
+fn every_unknown_key_is_reported_with_the_other_problems_in_file_order() {
+    let yaml = r#"
+server:
+  thread: 4
+listeners:
+  - addr: "127.0.0.1:6080"
+    tls: { cert: /nonexistent/cert.pem, key: /nonexistent/key.pem, chain: x }
+pools:
+  default:
+    backends:
+      - { name: desk-a, addr: "10.0.0.11:5901", adr: "10.0.0.12:5901" }
+limits:
+  max_session: 5
+"#;
+    let got: Vec<(String, String)> = load(yaml, &[("VNCGATE_JWT_SECRET", SECRET)])
+        .expect_err("invalid")
+        .iter()
+        .map(|e| (e.key.clone(), e.message.clone()))
+        .collect();
+    let keys: Vec<&str> = got.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "server.thread",
+            "listeners[0].tls.cert",
+            "listeners[0].tls.key",
+            "listeners[0].tls.chain",
+            "pools.default.backends[0].adr",
+            "limits.max_session",
+        ],
+        "{got:#?}"
+    );
+    for (key, message) in [&got[0], &got[3], &got[4], &got[5]] {
+        let field = key.rsplit('.').next().unwrap_or(key);
+        assert!(
+            message.starts_with(&format!("unknown field `{field}`, expected")),
+            "{key}: {message}"
+        );
+    }
+    assert_eq!(got[1].1, r#"file not found "/nonexistent/cert.pem""#);
+    // The message keeps serde's hint of what was meant.
+    assert!(got[5].1.contains("`max_sessions`"), "{}", got[5].1);
+}
+
+#[test]
+fn a_wrong_type_is_reported_after_the_unknown_keys_before_it() {
+    let yaml =
+        minimal_with("server:\n  thread: 4\nlimits:\n  max_session: 5\n  max_sessions: lots\n");
+    let errors = load(&yaml, &[("VNCGATE_JWT_SECRET", SECRET)]).expect_err("invalid");
+    let keys: Vec<&str> = errors.iter().map(|e| e.key.as_str()).collect();
+    assert_eq!(
+        keys,
+        ["server.thread", "limits.max_session", "limits.max_sessions"],
+        "{errors}"
+    );
+}
+
+/// `check-config --lint`: the file alone. Files and variables belong to the target environment.
+#[test]
+fn lint_checks_the_file_without_its_files_or_variables() {
+    let yaml = r#"
+listeners:
+  - addr: "0.0.0.0:8443"
+    tls: { cert: /nonexistent/cert.pem, key: /nonexistent/key.pem }
+web_root: /nonexistent/web
+admin: { addr: "127.0.0.1:9600", token_env: VNCGATE_ADMIN_TOKEN }
+auth:
+  algorithms: [HS256, RS256]
+  secret_env: VNCGATE_JWT_SECRET
+  public_key_files: [/nonexistent/jwt.pem]
+store: { kind: redis, redis_url_env: VNCGATE_REDIS_URL }
+pools:
+  default:
+    rfb:
+      password_env: VNCGATE_VNC_PASSWORD
+      tls: { ca_file: /nonexistent/ca.pem, server_name: desk.internal }
+    backends:
+      - { name: desk-a, addr: "10.0.0.11:5901", password_env: VNCGATE_DESK_A_PASSWORD }
+"#;
+    assert_eq!(Config::lint_yaml(yaml), Ok(()));
+    // The same file where it runs: every file and variable is checked.
+    let keys: Vec<String> = errors(yaml, &[])
+        .iter()
+        .map(|line| line.split(':').next().unwrap_or_default().to_string())
+        .collect();
+    for key in [
+        "listeners[0].tls.cert",
+        "listeners[0].tls.key",
+        "web_root",
+        "admin.token_env",
+        "auth.secret_env",
+        "auth.public_key_files[0]",
+        "store.redis_url_env",
+        "pools.default.rfb.password_env",
+        "pools.default.rfb.tls.ca_file",
+        "pools.default.backends[0].password_env",
+    ] {
+        assert!(keys.iter().any(|k| k == key), "{key} missing in {keys:?}");
+    }
+}
+
+#[test]
+fn lint_still_reports_the_schema_ranges_and_cross_key_rules() {
+    let yaml = r#"
+listeners:
+  - addr: "0.0.0.0:8080"
+    proxy_protocol: true
+auth:
+  secret_env: "$VNCGATE_JWT_SECRET"
+pools:
+  default:
+    rfb:
+      mode: transparent
+      username_env: VNC_USER
+      tls: { ca_file: /nonexistent/ca.pem, server_name: "bad name!" }
+    backends:
+      - { name: desk-a, addr: "10.0.0.11:5901", password_env: VNC_PW }
+limits:
+  max_sessions: 0
+  max_sesions: 5
+"#;
+    let errors = Config::lint_yaml(yaml).expect_err("invalid");
+    let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    let (unknown, problems) = lines.split_last().expect("problems");
+    assert_eq!(
+        problems,
+        [
+            "listeners[0].trusted_proxies: required with proxy_protocol: true (the networks of the load balancers)",
+            "auth.secret_env: must name an environment variable ([A-Za-z_][A-Za-z0-9_]*)",
+            r#"pools.default.rfb.tls.server_name: invalid server name "bad name!""#,
+            "pools.default.rfb: password_env, username_env and tls need mode: terminate",
+            "pools.default.backends[0].password_env: backend credentials need rfb.mode: terminate",
+            "limits.max_sessions: must be at least 1",
+        ]
+    );
+    assert!(
+        unknown.starts_with("limits.max_sesions: unknown field `max_sesions`, expected"),
         "{errors}"
     );
 }

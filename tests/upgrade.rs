@@ -246,3 +246,41 @@ async fn session_owner_binding_and_per_user_limit() {
         "d"
     );
 }
+
+/// Issue 13 #11: a client that leaves while its backend is being connected must not keep the
+/// pin its upgrade created (the sid and its owner would be held for the idle TTL).
+#[tokio::test]
+async fn a_pin_created_for_a_client_that_left_before_the_101_is_released() {
+    use common::fault_proxy::{Fault, FaultProxy};
+    use tokio::io::AsyncWriteExt;
+    let backend = rfb_backend("desk").await;
+    let proxy = FaultProxy::start(backend.addr).await.expect("proxy");
+    let mut cfg = GatewayConfig::new(vec![BackendSpec::rfb("desk", proxy.addr())]);
+    cfg.extra = "limits:\n  auth_failures_per_minute: 1000\n".into();
+    let gw = Gateway::start(cfg).await;
+
+    // The backend stalls mid-handshake while the client gives up and resets its connection.
+    proxy.set(Fault::Pause);
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .expect("connect");
+    let request = format!(
+        "GET /websockify?token={} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        token("alice", Some("shared-desk"))
+    );
+    tcp.write_all(request.as_bytes()).await.expect("write");
+    gw.wait_log(|v| v["event"] == "token_accepted" && v["user_id"] == "alice")
+        .await;
+    tcp.set_zero_linger().expect("linger");
+    drop(tcp);
+    proxy.set(Fault::Pass);
+    gw.wait_log(|v| v["event"] == "upgrade_aborted").await;
+
+    // Another user may now create the session: the aborted upgrade's pin is gone.
+    let c = WsConnect::new(gw.ws_url(&format!("?token={}", token("mallory", Some("shared-desk")))));
+    let (mut ws, _) = rfb_client::connect(&c)
+        .await
+        .expect("upgrade after the release");
+    rfb_client::rfb_handshake(&mut ws).await.expect("handshake");
+}

@@ -126,15 +126,13 @@ impl Verifier {
         if !self.allowed.contains(&header.alg) {
             return Err(AuthError::Algorithm);
         }
-        let mut jwks_keys = self.jwks.as_ref().map(|j| j.keys()).unwrap_or_default();
-        if let (Some(kid), Some(jwks)) = (&header.kid, &self.jwks) {
-            let known = jwks_keys
-                .iter()
-                .any(|k| k.kid.as_deref() == Some(kid.as_str()));
-            if !known && jwks.refresh_for_unknown_kid().await {
-                jwks_keys = jwks.keys();
-            }
-        }
+        // A JWKS never supplies HMAC keys (see `jwks::usable_key`), so HS* tokens neither wait
+        // for it nor make it refetch. Others get the key set that has their `kid` (or, before
+        // the first fetch landed, the first one), waiting a bounded time for it.
+        let jwks_keys = match &self.jwks {
+            Some(jwks) if !is_hmac(header.alg) => jwks.keys_for(header.kid.as_deref()).await,
+            _ => Arc::default(),
+        };
         let all = self
             .keys
             .iter()

@@ -5,16 +5,21 @@
 //! and finishing the write on the other side, and reads the next one only after that write
 //! completed. So a side that stops reading stalls the other side's reads (TCP backpressure all
 //! the way to the sender) and memory per session stays bounded, whatever the peers do.
+//! A client message that is still arriving sits in tungstenite before the pump sees it:
+//! [`inbound`] keeps tungstenite's frames to 4 KiB and takes any unfinished message beyond
+//! that from the process-wide [`budget::MessageBudget`], so that part is bounded per process.
 //!
 //! The backend -> client pump also owns the session's timers (ping, dead peer, idle) and its
 //! control channel (drain, kick), because it holds the WebSocket sink that sends pings and the
 //! final close frame.
 
 pub mod backend;
+pub mod budget;
 pub mod client;
 mod close;
 mod fairness;
 mod filter;
+pub mod inbound;
 pub mod session;
 pub mod splice;
 
@@ -462,6 +467,10 @@ async fn poll_once<F: Future>(mut fut: Pin<&mut F>) -> Poll<F::Output> {
 }
 
 fn classify_read_error(e: &WsError) -> EndReason {
+    // What `inbound` refused at a frame header, before tungstenite buffered the frame.
+    if let Some(refused) = inbound::InboundError::from_ws(e) {
+        return EndReason::Gateway(refused.close_code());
+    }
     match e {
         WsError::Capacity(_) => EndReason::Gateway(CloseCode::TooBig),
         WsError::Protocol(_) => EndReason::Gateway(CloseCode::ProtocolError),

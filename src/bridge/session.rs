@@ -16,6 +16,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role as WsRole, WebSocketConfig};
 
 use super::client::{ClientSocket, Gated, TakeError};
 use super::filter::RfbFilters;
+use super::inbound::{self, Inbound};
 use super::{BridgeLimits, CloseCode, EndReason, Meters, Outcome, Splicer, backend};
 use crate::auth::Claims;
 use crate::metrics::{GaugeGuard, Metrics};
@@ -24,8 +25,6 @@ use crate::rfb::handshake::{BackendStream, Handshaken, Transport};
 use crate::rfb::policy::{Clipboard, Policy};
 use crate::routing::{Pin, Router};
 use crate::sessions::{Control, Registration, Registry, Role};
-
-const CLIENT_READ_BUFFER: usize = 4 * 1024;
 
 /// The backend connection as the gateway left it.
 pub enum Backend {
@@ -75,6 +74,9 @@ pub struct SessionStart {
     /// Admission slots and counters held until the session ends (dropped with it).
     pub held: Box<dyn Any + Send + Sync>,
     pub env: SessionEnv,
+    /// The pin this connection's upgrade created, if it did: released rather than kept for the
+    /// idle TTL when the session never starts (the user's retry is then placed afresh).
+    pub created_pin: Option<Pin>,
 }
 
 /// Serve one session to its end.
@@ -94,6 +96,7 @@ pub async fn serve(start: SessionStart) {
         settings,
         held,
         env,
+        created_pin,
     } = start;
     let _held = held;
     let terminate = matches!(backend, Backend::Rfb(_));
@@ -156,6 +159,17 @@ pub async fn serve(start: SessionStart) {
             never = expiry => match never {},
         }
     };
+    let Some(outcome) = outcome else {
+        // The 101 went out but the session could not start on this socket.
+        env.metrics
+            .disconnects_total
+            .with_label_values(&[&CloseCode::Internal.as_u16().to_string()])
+            .inc();
+        if let Some(created) = &created_pin {
+            Box::pin(env.router.release_pin(&sid, created)).await;
+        }
+        return;
+    };
     let code = outcome.end.code();
     env.metrics
         .disconnects_total
@@ -198,18 +212,21 @@ async fn relay(
     early: Vec<u8>,
     backend: Backend,
     r: Relay<'_>,
-) -> Outcome {
+) -> Option<Outcome> {
     let (settings, policy) = (r.settings, r.policy);
+    // tungstenite reads through `Inbound`, which hands it frames of at most one piece (larger
+    // client frames are cut into fragments), so its read buffer is one piece, and a frame
+    // above that is a bug of `Inbound`: tungstenite refuses it (1009) instead of buffering it.
+    // The message limit applies to the fragments' sum, as before.
     let ws_config = WebSocketConfig::default()
-        // Client->backend traffic is input events (a few bytes each); tungstenite's 128 KiB
-        // default would be touched by its first read and cost 128 KiB per idle session. Larger
-        // messages grow the buffer as needed.
-        .read_buffer_size(CLIENT_READ_BUFFER)
+        .read_buffer_size(inbound::PIECE)
+        .max_frame_size(Some(inbound::PIECE))
         .max_message_size(Some(settings.max_message_bytes))
-        .max_frame_size(Some(settings.max_message_bytes))
         // Frames go out as soon as they are written: RFB is latency-bound, and the bridge
         // already sends whole chunks.
         .write_buffer_size(0);
+    let budget = Arc::clone(&r.metrics.message_budget);
+    let max_message = settings.max_message_bytes;
     // Splicing moves backend bytes from a TCP socket without looking at them: only where
     // nothing needs to read the server stream (a clipboard policy that stops ServerCutText does).
     let spliceable = match &backend {
@@ -225,21 +242,22 @@ async fn relay(
     match taken {
         Ok(socket) => {
             let splicer = Splicer::new(Arc::clone(&socket));
-            let ws = websocket(Gated(socket), early, ws_config).await;
-            relay_ws(ws, backend, r, Some(splicer)).await
+            let ws = websocket(
+                Inbound::new(Gated(socket), early, budget, max_message),
+                ws_config,
+            )
+            .await;
+            Some(relay_ws(ws, backend, r, Some(splicer)).await)
         }
         // Handed back untouched: TLS, or a backend whose bytes are re-framed or read anyway.
         Err(TakeError::NotPlainTcp(stream)) => {
-            let ws = websocket(stream, early, ws_config).await;
-            relay_ws(ws, backend, r, None).await
+            let ws = websocket(Inbound::new(stream, early, budget, max_message), ws_config).await;
+            Some(relay_ws(ws, backend, r, None).await)
         }
+        // Out of descriptors, most likely: the session never starts.
         Err(TakeError::Io(e)) => {
             tracing::warn!(event = "session_failed", error = %e, "could not take over the client socket");
-            Outcome {
-                end: EndReason::Gateway(CloseCode::Internal),
-                bytes_in: 0,
-                bytes_out: 0,
-            }
+            None
         }
     }
 }
@@ -346,7 +364,9 @@ where
         // without a gateway.
         BrowserError::PasswordRefused => EndReason::Gateway(CloseCode::Normal),
         BrowserError::Backend(_) => EndReason::Gateway(CloseCode::TryAgain),
-        BrowserError::WebSocket(_) => EndReason::Client(CloseCode::Abnormal),
+        // A frame refused by `inbound` or tungstenite gets its code (1002, 1009) here as in
+        // the relay; a vanished client is 1006.
+        BrowserError::WebSocket(e) => super::classify_read_error(e),
     };
     tracing::info!(event = "rfb_handshake_failed", error = %e, "browser RFB handshake failed");
     super::close_websocket(&mut ws, end).await;
@@ -357,11 +377,13 @@ where
     }
 }
 
-async fn websocket<S>(stream: S, early: Vec<u8>, config: WebSocketConfig) -> WebSocketStream<S>
+/// The server side of the client's WebSocket. The bytes the client sent with its request are
+/// inside `stream` (an [`Inbound`]), which parses them before anything read later.
+async fn websocket<S>(stream: S, config: WebSocketConfig) -> WebSocketStream<S>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    WebSocketStream::from_partially_read(stream, early, WsRole::Server, Some(config)).await
+    WebSocketStream::from_raw_socket(stream, WsRole::Server, Some(config)).await
 }
 
 /// Refresh the pin while the session lives, so a session longer than the idle TTL keeps it.

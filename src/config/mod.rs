@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use jsonwebtoken::Algorithm;
+use validate::Environment;
 pub use validate::{ConfigError, ConfigErrors};
 
 /// A secret read from the environment. Its `Debug` never shows the value, so a config dump in a
@@ -222,6 +223,9 @@ pub struct Limits {
     /// `None` = off.
     pub idle_timeout: Option<Duration>,
     pub max_message_bytes: usize,
+    /// Process-wide: bytes of unfinished client messages that sessions may hold beyond one
+    /// read chunk each (src/bridge/budget.rs); a session that needs more is closed with 1009.
+    pub message_buffer_budget_bytes: usize,
     pub ping_interval: Duration,
     pub pong_timeout: Duration,
     /// From accept (after the TLS handshake) to the end of the request head; on a keep-alive
@@ -250,9 +254,7 @@ pub struct LoggingConfig {
 impl Config {
     /// Read and validate a config file, reading secrets from the process environment.
     pub fn load(path: &std::path::Path) -> Result<Config, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigErrors::single("", format!("cannot read {}: {e}", path.display()))
-        })?;
+        let text = read(path)?;
         Config::from_yaml(&text, &|name| std::env::var(name).ok())
     }
 
@@ -262,13 +264,45 @@ impl Config {
         text: &str,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigErrors> {
-        let raw = file::parse(text)?;
-        let mut config = validate::resolve(raw, env)?;
+        let mut config = check(text, Environment::Target(env))?;
         config.hash = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(text.as_bytes()));
         Ok(config)
+    }
+
+    /// `check-config --lint`: check a config file alone, as a CI job can before a deploy: the
+    /// schema, every key, ranges and cross-key rules, but neither the files it names (read
+    /// nowhere) nor the variables its `*_env` keys name (only checked to be variable names).
+    /// There is no `Config` to return: its secrets and certificates were never read.
+    pub fn lint(path: &std::path::Path) -> Result<(), ConfigErrors> {
+        Config::lint_yaml(&read(path)?)
+    }
+
+    /// [`Config::lint`] on YAML text.
+    pub fn lint_yaml(text: &str) -> Result<(), ConfigErrors> {
+        check(text, Environment::Lint).map(drop)
     }
 
     pub fn pool(&self, name: &str) -> Option<&PoolConfig> {
         self.pools.get(name)
     }
+}
+
+fn read(path: &std::path::Path) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(path)
+        .map_err(|e| ConfigErrors::single("", format!("cannot read {}: {e}", path.display())))
+}
+
+/// Every problem of the file at once: its unknown keys and what validation finds, in file order.
+fn check(text: &str, env: Environment<'_>) -> Result<Config, ConfigErrors> {
+    let file::Parsed { raw, unknown_keys } = file::parse(text)?;
+    let resolved = validate::resolve(raw, env);
+    if unknown_keys.is_empty() {
+        return resolved;
+    }
+    let problems = resolved.err().map(|e| e.0).unwrap_or_default();
+    Err(ConfigErrors(file::in_file_order(
+        text,
+        unknown_keys,
+        problems,
+    )))
 }

@@ -96,6 +96,7 @@ const COUNT: RangeInclusive<u64> = 1..=u32::MAX as u64;
 /// and keeps every `Instant + Duration` the runtime computes from overflowing.
 const SECONDS: RangeInclusive<u64> = 1..=MAX_SECONDS;
 const MAX_SECONDS: u64 = 30 * 24 * 3600;
+const MAX_MESSAGE_BYTES: u64 = 256 * 1024 * 1024;
 
 /// The algorithms vncgate accepts. Deliberately narrower than `jsonwebtoken::Algorithm`: `none`
 /// has no entry at all, and PS384/PS512/ES512 are left out.
@@ -112,7 +113,25 @@ const ALGORITHMS: &[(&str, Algorithm)] = &[
     ("EdDSA", Algorithm::EdDSA),
 ];
 
-type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+/// What validation may consult beyond the file itself.
+#[derive(Clone, Copy)]
+pub(super) enum Environment<'a> {
+    /// Where the config is about to run: every file it names must be readable, every variable its
+    /// `*_env` keys name set and non-empty, and the values usable (secret length, Redis URL). The
+    /// function looks a variable up (tests pass their own instead of the process environment).
+    Target(&'a dyn Fn(&str) -> Option<String>),
+    /// The file alone (`check-config --lint`), for CI that has neither the certificates nor the
+    /// secrets of the target environment: named files are not touched, `*_env` keys are checked
+    /// to name a variable but not looked up, and checks that need those values are skipped. The
+    /// config resolved this way holds no secrets and is never used, only its problems.
+    Lint,
+}
+
+impl Environment<'_> {
+    fn reads_files(self) -> bool {
+        matches!(self, Environment::Target(_))
+    }
+}
 
 /// The problems found so far. Resolvers record into it and still return a best-effort value, so
 /// one bad key never hides the checks after it.
@@ -125,12 +144,14 @@ impl Problems {
     }
 }
 
-pub(super) fn resolve(raw: RawConfig, env: Env<'_>) -> Result<Config, ConfigErrors> {
+pub(super) fn resolve(raw: RawConfig, env: Environment<'_>) -> Result<Config, ConfigErrors> {
     let mut p = Problems::default();
     let server = resolve_server(&mut p, raw.server.unwrap_or_default());
-    let listeners = resolve_listeners(&mut p, raw.listeners.unwrap_or_default());
+    let listeners = resolve_listeners(&mut p, env, raw.listeners.unwrap_or_default());
     let paths = resolve_paths(&mut p, raw.paths);
-    let web_root = raw.web_root.map(|dir| check_dir(&mut p, "web_root", &dir));
+    let web_root = raw
+        .web_root
+        .map(|dir| check_dir(&mut p, env, "web_root", &dir));
     let admin = raw
         .admin
         .map(|admin| resolve_admin(&mut p, admin, env, &listeners));
@@ -178,7 +199,11 @@ fn resolve_server(p: &mut Problems, raw: RawServer) -> ServerSettings {
     }
 }
 
-fn resolve_listeners(p: &mut Problems, raw: Vec<RawListener>) -> Vec<ListenerConfig> {
+fn resolve_listeners(
+    p: &mut Problems,
+    env: Environment<'_>,
+    raw: Vec<RawListener>,
+) -> Vec<ListenerConfig> {
     if raw.is_empty() {
         p.add("listeners", "at least one listener is required");
     }
@@ -194,8 +219,8 @@ fn resolve_listeners(p: &mut Problems, raw: Vec<RawListener>) -> Vec<ListenerCon
             );
         }
         let tls = listener.tls.map(|tls| TlsFiles {
-            cert: check_file(p, &format!("{key}.tls.cert"), &tls.cert),
-            key: check_file(p, &format!("{key}.tls.key"), &tls.key),
+            cert: check_file(p, env, &format!("{key}.tls.cert"), &tls.cert),
+            key: check_file(p, env, &format!("{key}.tls.key"), &tls.key),
         });
         let proxy_protocol = proxy_protocol(
             p,
@@ -278,7 +303,7 @@ fn resolve_paths(p: &mut Problems, raw: Option<Vec<String>>) -> Vec<String> {
 fn resolve_admin(
     p: &mut Problems,
     raw: RawAdmin,
-    env: Env<'_>,
+    env: Environment<'_>,
     listeners: &[ListenerConfig],
 ) -> AdminConfig {
     let addr = socket_addr(p, "admin.addr", &raw.addr);
@@ -297,7 +322,7 @@ fn resolve_admin(
     }
 }
 
-fn resolve_auth(p: &mut Problems, raw: RawAuth, env: Env<'_>) -> AuthConfig {
+fn resolve_auth(p: &mut Problems, raw: RawAuth, env: Environment<'_>) -> AuthConfig {
     let algorithms = resolve_algorithms(p, raw.algorithms);
 
     // Without an HS* algorithm the secret would never be used, so it is not required either.
@@ -312,7 +337,7 @@ fn resolve_auth(p: &mut Problems, raw: RawAuth, env: Env<'_>) -> AuthConfig {
         .unwrap_or_default()
         .iter()
         .enumerate()
-        .map(|(i, file)| check_file(p, &format!("auth.public_key_files[{i}]"), file))
+        .map(|(i, file)| check_file(p, env, &format!("auth.public_key_files[{i}]"), file))
         .collect();
     let jwks_url = raw.jwks_url.inspect(|url| {
         // Keys fetched in clear text could be swapped in transit: https only, except for an
@@ -422,7 +447,7 @@ fn resolve_algorithms(p: &mut Problems, raw: Option<Vec<String>>) -> Vec<Algorit
     algorithms
 }
 
-fn hmac_secret(p: &mut Problems, env: Env<'_>, secret_env: Option<&str>) -> Option<Secret> {
+fn hmac_secret(p: &mut Problems, env: Environment<'_>, secret_env: Option<&str>) -> Option<Secret> {
     let name = secret_env.unwrap_or(DEFAULT_SECRET_ENV);
     let secret = read_env(p, env, "auth.secret_env", name)?;
     if secret.expose().len() < MIN_SECRET_BYTES {
@@ -455,7 +480,7 @@ fn is_origin(origin: &str) -> bool {
     scheme_ok && authority_ok
 }
 
-fn resolve_store(p: &mut Problems, raw: RawStore, env: Env<'_>) -> StoreConfig {
+fn resolve_store(p: &mut Problems, raw: RawStore, env: Environment<'_>) -> StoreConfig {
     #[derive(Clone, Copy)]
     enum Kind {
         Memory,
@@ -488,7 +513,8 @@ fn resolve_store(p: &mut Problems, raw: RawStore, env: Env<'_>) -> StoreConfig {
                     format!("environment variable {name} must hold a redis:// or rediss:// URL"),
                 );
             }
-            // The placeholder only stands in when an error was recorded and the config is dropped.
+            // The placeholder only stands in when the config is dropped: an error was recorded, or
+            // in lint mode, where the variable is not read.
             StoreKind::Redis {
                 url: url.unwrap_or_else(|| Secret::new("")),
             }
@@ -510,7 +536,7 @@ fn resolve_store(p: &mut Problems, raw: RawStore, env: Env<'_>) -> StoreConfig {
 
 fn resolve_pools(
     p: &mut Problems,
-    env: Env<'_>,
+    env: Environment<'_>,
     raw: OrderedMap<RawPool>,
 ) -> BTreeMap<String, PoolConfig> {
     if raw.0.is_empty() {
@@ -539,7 +565,7 @@ fn resolve_pools(
 /// (two failed checks), while 1 000 backends cost 200 connects/s.
 const DEFAULT_HEALTH_CHECK_INTERVAL_SECS: u64 = 5;
 
-fn resolve_pool(p: &mut Problems, env: Env<'_>, key: &str, raw: RawPool) -> PoolConfig {
+fn resolve_pool(p: &mut Problems, env: Environment<'_>, key: &str, raw: RawPool) -> PoolConfig {
     let (rfb, pool_credentials) = rfb::resolve_rfb(p, env, key, raw.rfb);
     let (clipboard, health_check) =
         rfb::resolve_policy(p, key, rfb.mode, raw.clipboard, raw.health_check);
@@ -731,8 +757,26 @@ fn resolve_limits(p: &mut Problems, raw: RawLimits) -> Limits {
         &key("max_message_bytes"),
         raw.max_message_bytes,
         4 * 1024 * 1024,
-        1024..=256 * 1024 * 1024,
+        1024..=MAX_MESSAGE_BYTES,
     );
+    // 256 MiB: 64 messages of the default `max_message_bytes` arriving at once, which is far
+    // more concurrent multi-megabyte pastes than a farm sees, while `max_sessions` (10 000)
+    // clients each holding a 4 MiB message unfinished would otherwise hold 40 GiB.
+    let message_budget = bounded(
+        p,
+        &key("message_buffer_budget_bytes"),
+        raw.message_buffer_budget_bytes,
+        256 * 1024 * 1024,
+        1024 * 1024..=1 << 40,
+    );
+    // Below `max_message_bytes`, a message of the allowed size could never be received. Only
+    // compared with a valid `max_message_bytes`: one out of range is reported already.
+    if message_budget < message_bytes && message_bytes <= MAX_MESSAGE_BYTES {
+        p.add(
+            key("message_buffer_budget_bytes"),
+            format!("{message_budget} is below limits.max_message_bytes ({message_bytes})"),
+        );
+    }
     let ping = bounded(
         p,
         &key("ping_interval_seconds"),
@@ -794,6 +838,7 @@ fn resolve_limits(p: &mut Problems, raw: RawLimits) -> Limits {
         auth_failures_per_minute: u32::try_from(auth_failures).unwrap_or(u32::MAX),
         idle_timeout: (idle > 0).then(|| Duration::from_secs(idle)),
         max_message_bytes: to_usize(message_bytes),
+        message_buffer_budget_bytes: to_usize(message_budget),
         ping_interval: Duration::from_secs(ping),
         pong_timeout: Duration::from_secs(pong),
         head_timeout: Duration::from_secs(head_timeout),
@@ -828,13 +873,21 @@ fn resolve_logging(p: &mut Problems, raw: RawLogging) -> LoggingConfig {
 // ---- shared checks -------------------------------------------------------------------------
 
 /// Reads the variable a `*_env` key names. Unset and empty are both errors: an empty secret is
-/// never what an operator meant.
-fn read_env(p: &mut Problems, env: Env<'_>, key: &str, name: &str) -> Option<Secret> {
-    if name.trim().is_empty() {
-        p.add(key, "must name an environment variable");
+/// never what an operator meant. In lint mode the name is checked and nothing is read.
+fn read_env(p: &mut Problems, env: Environment<'_>, key: &str, name: &str) -> Option<Secret> {
+    if !is_env_name(name) {
+        // The name is not echoed: what sits in a `*_env` key by mistake is most often the secret
+        // itself, pasted where its variable's name belongs.
+        p.add(
+            key,
+            "must name an environment variable ([A-Za-z_][A-Za-z0-9_]*)",
+        );
         return None;
     }
-    match env(name) {
+    let Environment::Target(lookup) = env else {
+        return None;
+    };
+    match lookup(name) {
         Some(value) if !value.is_empty() => Some(Secret::new(value)),
         Some(_) => {
             p.add(key, format!("environment variable {name} is empty"));
@@ -847,6 +900,16 @@ fn read_env(p: &mut Problems, env: Env<'_>, key: &str, name: &str) -> Option<Sec
     }
 }
 
+/// The portable variable names (POSIX shells, systemd, Docker, Kubernetes all pass them): one
+/// that a shell cannot set is a typo (`$VNCGATE_JWT_SECRET`) or a value in the name's place.
+fn is_env_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
 fn socket_addr(p: &mut Problems, key: &str, text: &str) -> Option<SocketAddr> {
     let addr = text.parse().ok();
     if addr.is_none() {
@@ -856,8 +919,12 @@ fn socket_addr(p: &mut Problems, key: &str, text: &str) -> Option<SocketAddr> {
 }
 
 /// The file must exist and be readable now: finding out at the first TLS handshake or the first
-/// token is too late. Relative paths are relative to the current directory, as written.
-fn check_file(p: &mut Problems, key: &str, path: &str) -> PathBuf {
+/// token is too late. Relative paths are relative to the current directory, as written. In lint
+/// mode the file belongs to another machine, so only the path is taken.
+fn check_file(p: &mut Problems, env: Environment<'_>, key: &str, path: &str) -> PathBuf {
+    if !env.reads_files() {
+        return PathBuf::from(path);
+    }
     match std::fs::metadata(path) {
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
             p.add(key, format!("file not found {path:?}"));
@@ -873,7 +940,10 @@ fn check_file(p: &mut Problems, key: &str, path: &str) -> PathBuf {
     PathBuf::from(path)
 }
 
-fn check_dir(p: &mut Problems, key: &str, path: &str) -> PathBuf {
+fn check_dir(p: &mut Problems, env: Environment<'_>, key: &str, path: &str) -> PathBuf {
+    if !env.reads_files() {
+        return PathBuf::from(path);
+    }
     match std::fs::metadata(path) {
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
             p.add(key, format!("directory not found {path:?}"));

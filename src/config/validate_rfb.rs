@@ -7,12 +7,12 @@ use super::super::file::{RawRfb, RawRfbTls};
 use super::super::{
     BackendConfig, Clipboard, HealthCheck, RfbConfig, RfbCredentials, RfbMode, RfbTls,
 };
-use super::{Env, Problems, check_file, one_of, read_env};
+use super::{Environment, Problems, check_file, one_of, read_env};
 
 /// The pool-level part: mode, TLS to the backends, and the pool's credentials.
 pub(super) fn resolve_rfb(
     p: &mut Problems,
-    env: Env<'_>,
+    env: Environment<'_>,
     key: &str,
     raw: Option<RawRfb>,
 ) -> (RfbConfig, RfbCredentials) {
@@ -28,6 +28,10 @@ pub(super) fn resolve_rfb(
             ("transparent", RfbMode::Transparent),
         ],
     );
+    // From the keys, not from what they resolved to: in lint mode no variable is read, and a
+    // credential that failed to resolve is still one the operator meant to use.
+    let has_credentials =
+        raw.password_env.is_some() || raw.username_env.is_some() || raw.tls.is_some();
     let credentials = RfbCredentials {
         password: raw
             .password_env
@@ -38,8 +42,8 @@ pub(super) fn resolve_rfb(
     };
     let tls = raw
         .tls
-        .and_then(|tls| resolve_tls(p, &format!("{key}.tls"), tls));
-    if mode == RfbMode::Transparent && (credentials.password.is_some() || tls.is_some()) {
+        .and_then(|tls| resolve_tls(p, env, &format!("{key}.tls"), tls));
+    if mode == RfbMode::Transparent && has_credentials {
         // The browser does the handshake itself in transparent mode: credentials here would be
         // silently unused, which an operator would take for protection.
         p.add(
@@ -50,7 +54,12 @@ pub(super) fn resolve_rfb(
     (RfbConfig { mode, tls }, credentials)
 }
 
-fn resolve_tls(p: &mut Problems, key: &str, raw: RawRfbTls) -> Option<RfbTls> {
+fn resolve_tls(
+    p: &mut Problems,
+    env: Environment<'_>,
+    key: &str,
+    raw: RawRfbTls,
+) -> Option<RfbTls> {
     let Some(ca_file) = raw.ca_file else {
         p.add(
             format!("{key}.ca_file"),
@@ -58,13 +67,18 @@ fn resolve_tls(p: &mut Problems, key: &str, raw: RawRfbTls) -> Option<RfbTls> {
         );
         return None;
     };
-    let path = check_file(p, &format!("{key}.ca_file"), &ca_file);
-    let client = match client_config(&path) {
-        Ok(client) => client,
-        Err(message) => {
-            p.add(format!("{key}.ca_file"), message);
-            return None;
+    let path = check_file(p, env, &format!("{key}.ca_file"), &ca_file);
+    // Lint mode: the CA file exists only where the config will run.
+    let client = if env.reads_files() {
+        match client_config(&path) {
+            Ok(client) => Some(client),
+            Err(message) => {
+                p.add(format!("{key}.ca_file"), message);
+                return None;
+            }
         }
+    } else {
+        None
     };
     if let Some(name) = &raw.server_name
         && rustls::pki_types::ServerName::try_from(name.as_str()).is_err()
@@ -75,7 +89,7 @@ fn resolve_tls(p: &mut Problems, key: &str, raw: RawRfbTls) -> Option<RfbTls> {
         );
     }
     Some(RfbTls {
-        client,
+        client: client?,
         server_name: raw.server_name,
     })
 }
@@ -152,7 +166,7 @@ pub(super) fn resolve_policy(
 /// A backend's own password overrides the pool's; the user name is the pool's.
 pub(super) fn backend_credentials(
     p: &mut Problems,
-    env: Env<'_>,
+    env: Environment<'_>,
     key: &str,
     password_env: Option<String>,
     pool: &RfbCredentials,

@@ -41,27 +41,40 @@ fn error(code: ErrorCode, message: &str) -> Response<Vec<u8>> {
 }
 
 impl AdminApp {
-    /// 200 when this instance should get traffic; 503 (same shape) when no backend is healthy
-    /// or it is draining. `status` is `degraded` while the session store is unreachable.
+    /// 200 when this instance should get traffic; 503 (same shape) when no backend is healthy,
+    /// it is draining, or its JWKS has not loaded yet (it could verify no token the provider
+    /// signs). `status` is `degraded` while the session store or its event subscription is down;
+    /// `subscriber` (`ok` | `down`) is there only with a shared store. `jwks` (`ok` |
+    /// `loading` | `stale`) is there only when `auth.jwks_url` is set.
     fn readyz(&self) -> Response<Vec<u8>> {
         let gw = &self.0;
         let (healthy, total) = gw.router.health().counts();
         let store_up = gw.router.store().is_up();
         let draining = gw.shutting_down.load(std::sync::atomic::Ordering::SeqCst);
-        let code = if draining || healthy == 0 {
+        let jwks = gw.verifier().jwks().map(|j| j.status());
+        let jwks_loading = jwks == Some(crate::auth::jwks::Status::Loading);
+        let code = if draining || healthy == 0 || jwks_loading {
             StatusCode::SERVICE_UNAVAILABLE
         } else {
             StatusCode::OK
         };
-        json_response(
-            code,
-            json!({
-                "status": if store_up { "ready" } else { "degraded" },
-                "store": if store_up { "ok" } else { "unreachable" },
-                "backends": { "healthy": healthy, "total": total },
-                "draining": draining,
-            }),
-        )
+        // Degraded too while only the event subscription is down: kicks and revocations from
+        // other replicas do not arrive here until it is back (then they are caught up).
+        let subscriber_up = gw.router.store().events_up();
+        let mut body = json!({
+            "status": if store_up && subscriber_up { "ready" } else { "degraded" },
+            "store": if store_up { "ok" } else { "unreachable" },
+            "backends": { "healthy": healthy, "total": total },
+            "draining": draining,
+        });
+        // Only a shared store has a subscription (the embedded one has no other replicas).
+        if !matches!(gw.config().store.kind, crate::config::StoreKind::Memory) {
+            body["subscriber"] = json!(if subscriber_up { "ok" } else { "down" });
+        }
+        if let Some(jwks) = jwks {
+            body["jwks"] = json!(jwks.as_str());
+        }
+        json_response(code, body)
     }
 
     fn authorized(&self, session: &ServerSession) -> bool {
@@ -204,34 +217,32 @@ impl AdminApp {
     }
 
     /// `DELETE /admin/sessions/{sid}`: close every connection of the session with 4003, on
-    /// every replica. 404 when the session is neither live here nor pinned in the store.
+    /// every replica; answered by [`outcome_response`]. 404 when the session is neither live
+    /// here nor pinned in the store.
     async fn kick(&self, sid: &str) -> Response<Vec<u8>> {
         let gw = &self.0;
-        let closed = control::broadcast(
-            gw,
-            ControlEvent::Kick {
-                session_id: sid.to_owned(),
-            },
-        )
-        .await;
-        if closed == 0 && matches!(gw.router.store().get(sid).await, Ok(None)) {
+        let outcome = control::kick(gw, sid).await;
+        if outcome.here == 0 && matches!(gw.router.store().get(sid).await, Ok(None)) {
             return error(ErrorCode::NotFound, "no live session with that id");
         }
         tracing::info!(
             event = "session_kicked",
             session_id = sid,
-            connections = closed,
+            connections = outcome.here,
+            stored = outcome.stored,
+            broadcast = outcome.broadcast,
             "session kicked by admin"
         );
-        json_response(
-            StatusCode::OK,
-            json!({ "session_id": sid, "closed": closed }),
+        outcome_response(
+            &outcome,
+            Action::Kick,
+            json!({ "session_id": sid, "closed": outcome.here }),
         )
     }
 
     /// `PUT /admin/sessions/{sid}/input {"mode": "view_only"|"interactive", "user": "..."}`:
     /// switch live connections without reconnecting them, on every replica. `connections` is
-    /// how many matched here; `broadcast` says whether the other replicas were told.
+    /// how many matched here; answered by [`outcome_response`] (nothing is stored for it).
     async fn input_mode(&self, sid: &str, body: &[u8]) -> Response<Vec<u8>> {
         let request: InputModeRequest = match serde_json::from_slice(body) {
             Ok(r) => r,
@@ -254,18 +265,18 @@ impl AdminApp {
             view_only,
         };
         let gw = &self.0;
-        let (matched, broadcast) = control::broadcast_checked(gw, event).await;
-        if matched == 0 && matches!(gw.router.store().get(sid).await, Ok(None)) {
+        let outcome = control::switch_input(gw, event).await;
+        if outcome.here == 0 && matches!(gw.router.store().get(sid).await, Ok(None)) {
             return error(ErrorCode::NotFound, "no live session with that id");
         }
-        json_response(
-            StatusCode::OK,
+        outcome_response(
+            &outcome,
+            Action::InputMode,
             json!({
                 "session_id": sid,
                 "user": request.user,
                 "mode": if view_only { "view_only" } else { "interactive" },
-                "connections": matched,
-                "broadcast": broadcast,
+                "connections": outcome.here,
             }),
         )
     }
@@ -302,30 +313,57 @@ impl AdminApp {
             }
             None => DEFAULT_REVOCATION_TTL,
         };
-        let stored = gw.router.revoke(&request.jti, ttl).await;
-        let event = ControlEvent::Revoke {
-            jti: request.jti.clone(),
-            ttl_ms: ttl.as_millis() as u64,
-        };
-        let closed = control::broadcast(gw, event).await;
-        if let Err(e) = stored {
-            tracing::warn!(event = "store_error", op = "revoke", error = %e, "revocation not stored");
-            let code = ErrorCode::StoreUnavailable;
-            return json_response(
-                code.status(),
-                json!({
-                    "error": code.as_str(),
-                    "message": "revoked on this replica only: the session store is unreachable",
-                    "closed": closed,
-                }),
-            );
-        }
-        tracing::info!(event = "token_revoked", jti = %request.jti, closed, ttl_seconds = ttl.as_secs(), "token revoked by admin");
-        json_response(
-            StatusCode::OK,
-            json!({ "jti": request.jti, "closed": closed, "ttl_seconds": ttl.as_secs() }),
+        let outcome = control::revoke(gw, &request.jti, ttl).await;
+        tracing::info!(event = "token_revoked", jti = %request.jti, closed = outcome.here,
+            stored = outcome.stored, broadcast = outcome.broadcast,
+            ttl_seconds = ttl.as_secs(), "token revoked by admin");
+        // Never "nothing done": this replica refuses the jti from now on whatever the store says.
+        outcome_response(
+            &outcome,
+            Action::Revoke,
+            json!({ "jti": request.jti, "closed": outcome.here, "ttl_seconds": ttl.as_secs() }),
         )
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Kick,
+    Revoke,
+    InputMode,
+}
+
+/// The one answer rule of the admin actions that reach every replica (kick, revoke, input
+/// mode), from what was done (`stored` is only reported where something is stored):
+/// - 200: done here, stored, and published to the other replicas (`broadcast: true`);
+/// - 202: done on this replica only: the store did not take it (`stored: false`, other replicas
+///   keep accepting a revoked token) or the event was not published (`broadcast: false`).
+///   Retry once `/readyz` says ready;
+/// - 503 `store_unavailable`: nothing was done anywhere (no connection here matched and the store
+///   did not answer), so the call had no effect. A revocation always has one: this replica
+///   refuses the token from then on.
+fn outcome_response(
+    outcome: &control::Outcome,
+    action: Action,
+    mut body: serde_json::Value,
+) -> Response<Vec<u8>> {
+    body["broadcast"] = json!(outcome.broadcast);
+    if action != Action::InputMode {
+        body["stored"] = json!(outcome.stored);
+    }
+    if outcome.stored && outcome.broadcast {
+        return json_response(StatusCode::OK, body);
+    }
+    if outcome.here == 0 && action != Action::Revoke {
+        let code = ErrorCode::StoreUnavailable;
+        body["error"] = json!(code.as_str());
+        body["message"] = json!("the session store is unreachable: nothing was done; retry");
+        return json_response(code.status(), body);
+    }
+    body["message"] = json!(
+        "done on this replica only: the session store is unreachable, other replicas were not told; retry"
+    );
+    json_response(StatusCode::ACCEPTED, body)
 }
 
 /// Not Pingora's `ServeHttp`: that one logs a malformed request's raw bytes at error level,
@@ -417,5 +455,35 @@ impl AdminApp {
             }
             _ => error(ErrorCode::NotFound, "no such path"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::Outcome;
+
+    fn status(action: Action, here: usize, stored: bool, broadcast: bool) -> u16 {
+        let outcome = Outcome {
+            here,
+            stored,
+            broadcast,
+        };
+        outcome_response(&outcome, action, json!({}))
+            .status()
+            .as_u16()
+    }
+
+    #[test]
+    fn the_answer_says_how_far_an_action_got() {
+        for action in [Action::Kick, Action::Revoke, Action::InputMode] {
+            assert_eq!(status(action, 0, true, true), 200);
+            assert_eq!(status(action, 2, true, false), 202);
+            assert_eq!(status(action, 1, false, false), 202);
+        }
+        assert_eq!(status(Action::Kick, 0, false, false), 503);
+        assert_eq!(status(Action::InputMode, 0, true, false), 503);
+        // This replica refuses the token from now on: never "nothing done".
+        assert_eq!(status(Action::Revoke, 0, false, false), 202);
     }
 }

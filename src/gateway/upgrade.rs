@@ -109,6 +109,7 @@ fn session_start(gw: &Arc<Gateway>, upgraded: Upgraded, conn_id: u64) -> Session
         None => pool_clipboard,
     };
     SessionStart {
+        created_pin: admitted.placement.created.clone(),
         conn_id,
         client: stream,
         early,
@@ -168,6 +169,10 @@ async fn upgrade(
             let (Some(early), ServerSession::H1(h1)) = (switched, session) else {
                 // The client is gone before its session started: a pin this upgrade created
                 // would otherwise hold the sid (and its owner) for the whole idle TTL.
+                tracing::info!(
+                    event = "upgrade_aborted",
+                    "the client left before the 101 could be written"
+                );
                 gw.router
                     .release_created(admitted.claims.session_id(), &admitted.placement)
                     .await;
@@ -314,6 +319,26 @@ async fn connect_backend(
     placement: &Placement,
 ) -> Result<Backend, Refusal> {
     let pool = placement.pool.as_str();
+    let mode = config
+        .pool(pool)
+        .map_or(RfbMode::Transparent, |p| p.rfb.mode);
+    // Terminate mode: the gateway's own login takes one of the backend's slots, from the TCP
+    // connect to ServerInit (routing::health::HANDSHAKE_SLOTS says why). In transparent mode
+    // the browser logs in, at its own pace: nothing to hold.
+    let _slot = match mode {
+        RfbMode::Terminate => match placement.state.handshake_slot().await {
+            Some(slot) => Some(slot),
+            None => {
+                tracing::warn!(event = "backend_connect_failed", backend = %placement.backend.name,
+                    "no login slot to the backend within 10 s");
+                return Err(Refusal::new(
+                    ErrorCode::BackendConnectFailed,
+                    "the backend has too many logins in progress; try again",
+                ));
+            }
+        },
+        RfbMode::Transparent => None,
+    };
     let connect_started = Instant::now();
     let tcp = match connect_tcp(&placement.backend).await {
         Ok(tcp) => tcp,
@@ -332,9 +357,6 @@ async fn connect_backend(
         .backend_connect_duration
         .with_label_values(&[pool])
         .observe(connect_started.elapsed().as_secs_f64());
-    let mode = config
-        .pool(pool)
-        .map_or(RfbMode::Transparent, |p| p.rfb.mode);
     let transport = match &placement.backend.protocol {
         BackendProtocol::Rfb => Transport::Tcp(tcp),
         BackendProtocol::WebSocket { path } => {
@@ -409,6 +431,21 @@ fn handshake_refusal(gw: &Gateway, placement: &Placement, e: HandshakeError) -> 
     }
 }
 
+/// A backend that vanishes without a FIN or RST (its VM gone, a NAT entry expired) would leave
+/// the session on a frozen screen: RFB has no keep-alive of its own and the browser side keeps
+/// answering pings. Kernel keep-alive probes an idle connection after 15 s (3 probes, 5 s
+/// apart) and `TCP_USER_TIMEOUT` gives up on unacknowledged input after 30 s; the backend read
+/// then fails and the session closes with 1013. Best effort: a socket option the kernel refuses
+/// leaves the connection as it was.
+fn detect_dead_peer(tcp: &TcpStream) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let _ = setsockopt(tcp, sockopt::KeepAlive, &true);
+    let _ = setsockopt(tcp, sockopt::TcpKeepIdle, &15);
+    let _ = setsockopt(tcp, sockopt::TcpKeepInterval, &5);
+    let _ = setsockopt(tcp, sockopt::TcpKeepCount, &3);
+    let _ = setsockopt(tcp, sockopt::TcpUserTimeout, &30_000);
+}
+
 async fn connect_tcp(backend: &BackendConfig) -> Result<TcpStream, String> {
     let target = (backend.addr.host.as_str(), backend.addr.port);
     let tcp = tokio::time::timeout(BACKEND_CONNECT_TIMEOUT, TcpStream::connect(target))
@@ -417,6 +454,7 @@ async fn connect_tcp(backend: &BackendConfig) -> Result<TcpStream, String> {
         .map_err(|e| e.to_string())?;
     // RFB is interactive: a key press must not wait for Nagle's timer.
     let _ = tcp.set_nodelay(true);
+    detect_dead_peer(&tcp);
     Ok(tcp)
 }
 

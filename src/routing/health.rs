@@ -47,7 +47,21 @@ pub struct BackendState {
     sessions: AtomicUsize,
     up_gauge: IntGauge,
     sessions_gauge: IntGauge,
+    /// Logins to this backend in flight (upgrades and health checks): see [`HANDSHAKE_SLOTS`].
+    handshakes: tokio::sync::Semaphore,
 }
+
+/// Logins one backend may have in flight from the gateway at once. TigerVNC (default
+/// `BlacklistThreshold` 5) black-marks the peer address for every connection it accepts and
+/// clears the marks only when a login from that address succeeds; at the sixth mark it refuses
+/// the address ("Too many security failures") for `BlacklistTimeout` (10 s, doubling). Behind
+/// the gateway every user has its address: 12 users opening one desktop at once got 2-7
+/// refusals in 7 runs (tests/reliability.rs). Four, plus a health check waiting its turn, stay
+/// below the threshold; each login takes milliseconds, so the queue is short.
+pub const HANDSHAKE_SLOTS: usize = 4;
+
+/// How long an upgrade or a check waits for a login slot before giving up.
+pub const HANDSHAKE_SLOT_WAIT: Duration = Duration::from_secs(10);
 
 impl BackendState {
     pub fn is_up(&self) -> bool {
@@ -64,6 +78,15 @@ impl BackendState {
 
     pub fn sessions(&self) -> usize {
         self.sessions.load(Ordering::Relaxed)
+    }
+
+    /// Wait for a login slot (held from the TCP connect to the end of the RFB login); `None`
+    /// when none frees up within [`HANDSHAKE_SLOT_WAIT`].
+    pub async fn handshake_slot(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        tokio::time::timeout(HANDSHAKE_SLOT_WAIT, self.handshakes.acquire())
+            .await
+            .ok()?
+            .ok()
     }
 
     /// Count a live session on this backend until the guard drops.
@@ -197,6 +220,7 @@ impl Health {
                     sessions: AtomicUsize::new(0),
                     up_gauge: metrics.backend_up.with_label_values(&labels),
                     sessions_gauge: metrics.backend_sessions.with_label_values(&labels),
+                    handshakes: tokio::sync::Semaphore::new(HANDSHAKE_SLOTS),
                 };
                 state.up_gauge.set(1);
                 backends.insert(key, Arc::new(state));
@@ -274,13 +298,22 @@ impl Health {
 
 impl BackendState {
     async fn check(&self) -> Checked {
+        let probe = self.probe.load_full();
+        // An RFB check is a login like any other (a TCP check is a bare connect, which a
+        // server with a blacklist counts the same way, but it never logs in to clear it).
+        let _slot = match probe.as_ref() {
+            Probe::Rfb { .. } => match self.handshake_slot().await {
+                Some(slot) => Some(slot),
+                None => return Checked::Down("no login slot within 10 s".into()),
+            },
+            Probe::Tcp => None,
+        };
         let target = (self.addr.host.as_str(), self.addr.port);
         let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
             Ok(Ok(tcp)) => tcp,
             Ok(Err(e)) => return Checked::Down(e.to_string()),
             Err(_) => return Checked::Down("connect timed out".into()),
         };
-        let probe = self.probe.load_full();
         let Probe::Rfb { credentials, tls } = probe.as_ref() else {
             return Checked::Up;
         };

@@ -97,16 +97,28 @@ impl Router {
     }
 
     /// Reuse or create the pin for the token's session.
+    ///
+    /// Owner binding and replica agreement hold as far as the store allows. The store's pin
+    /// wins. While the store is away, the local cache's pin (this replica's own, or the store's
+    /// as last seen) binds the session. A session without a pin, while the store is away or when
+    /// it fails the claim, goes to the rendezvous choice over the pool's healthy backends (the
+    /// same on every replica, unlike loads) and is claimed in the local cache, where the first
+    /// writer wins as in the store; so a pin made while the store refused writes still binds.
     pub async fn place(&self, config: &Config, claims: &Claims) -> Result<Placement, RoutingError> {
         let pool_name = claims.pool_name();
         let pool = config
             .pool(pool_name)
             .ok_or_else(|| RoutingError::PoolUnknown(pool_name.to_owned()))?;
         let sid = claims.session_id();
-        // A store failure must not refuse a connection: use the local cache, else place
-        // deterministically (rendezvous only) so replicas still agree while the store is away.
         let (existing, degraded) = match self.store.get(sid).await {
-            Ok(pin) => (pin, false),
+            Ok(Some(pin)) => {
+                // Kept for an outage: it is what the other replicas agree on.
+                self.remember(sid, &pin).await;
+                (Some(pin), false)
+            }
+            // A pin only the local cache still holds is not revived while the store answers (it
+            // may have expired there); a claim the store cannot take falls back to it below.
+            Ok(None) => (None, false),
             Err(_) => (self.cached(sid).await, true),
         };
         let stale = existing.is_some();
@@ -114,7 +126,7 @@ impl Router {
             if pin.owner != claims.sub && claims.share.is_none() {
                 return Err(RoutingError::OwnedByOtherUser);
             }
-            if let Some(placement) = self.reuse(pool_name, pool, &pin, claims).await? {
+            if let Some(placement) = self.reuse(pool_name, pool, &pin, claims, degraded).await? {
                 return Ok(placement);
             }
         } else if claims.share.is_some() {
@@ -122,27 +134,9 @@ impl Router {
             // the real owner out.
             return Err(RoutingError::NothingToJoin);
         }
-        let chosen = self.choose(pool_name, pool, claims, degraded)?;
-        let now = store::unix_ms();
-        let mine = Pin {
-            backend: chosen.backend.name.clone(),
-            pool: pool_name.to_owned(),
-            owner: claims.sub.clone(),
-            created_at_ms: now,
-            updated_at_ms: now,
-        };
-        // A pin whose backend left the config is overwritten (claim would hand it back);
-        // otherwise claim, so concurrent first connections agree on one backend.
-        let held = if stale {
-            let _ = self.store.replace(sid, mine.clone(), self.idle_ttl).await;
-            mine.clone()
-        } else {
-            match self.store.claim(sid, mine.clone(), self.idle_ttl).await {
-                Ok(held) => held,
-                Err(_) => mine.clone(),
-            }
-        };
-        self.remember(sid, &held).await;
+        let (chosen, mine, held) = self
+            .pin_new(sid, pool_name, pool, claims, stale, degraded)
+            .await?;
         if held.owner != claims.sub && claims.share.is_none() {
             return Err(RoutingError::OwnedByOtherUser);
         }
@@ -159,12 +153,60 @@ impl Router {
             });
         }
         // A concurrent first connection claimed another backend first: follow it.
-        self.reuse(pool_name, pool, &held, claims)
+        self.reuse(pool_name, pool, &held, claims, degraded)
             .await?
             .ok_or_else(|| RoutingError::BackendUnavailable(held.backend.clone()))
     }
 
-    async fn cached(&self, sid: &str) -> Option<Pin> {
+    /// Choose a backend for a session without a usable pin and pin it: returns the choice, the
+    /// pin made for it, and the pin that holds afterwards (another one when a concurrent first
+    /// connection won).
+    async fn pin_new(
+        &self,
+        sid: &str,
+        pool_name: &str,
+        pool: &PoolConfig,
+        claims: &Claims,
+        stale: bool,
+        degraded: bool,
+    ) -> Result<(Placement, Pin, Pin), RoutingError> {
+        let mut chosen = self.choose(pool_name, pool, claims, degraded)?;
+        let mut mine = new_pin(&chosen, claims);
+        if stale {
+            // The pin's backend left the config: overwrite it (a claim would hand it back).
+            let _ = self.store.replace(sid, mine.clone(), self.idle_ttl).await;
+            self.remember(sid, &mine).await;
+            return Ok((chosen, mine.clone(), mine));
+        }
+        let claimed = match degraded {
+            true => None,
+            false => self
+                .store
+                .claim(sid, mine.clone(), self.idle_ttl)
+                .await
+                .ok(),
+        };
+        let held = match claimed {
+            Some(held) => {
+                self.remember(sid, &held).await;
+                held
+            }
+            None => {
+                if !degraded {
+                    // The store did not confirm the claim (it may or may not hold a pin now):
+                    // place as while it is away, by rendezvous, which a replica in the same
+                    // position computes alike, rather than by this replica's loads.
+                    chosen = self.choose(pool_name, pool, claims, true)?;
+                    mine = new_pin(&chosen, claims);
+                }
+                self.claim_locally(sid, mine.clone()).await
+            }
+        };
+        Ok((chosen, mine, held))
+    }
+
+    /// The pin this replica has seen for `sid` (its own or the store's), if it has not expired.
+    pub async fn cached(&self, sid: &str) -> Option<Pin> {
         match &self.local {
             Some(local) => local.get(sid).await.ok().flatten(),
             None => None,
@@ -177,15 +219,38 @@ impl Router {
         }
     }
 
+    /// First writer wins in the local cache, as in the store: two first connections for one
+    /// `sid` racing on this replica while the store is away get one owner.
+    async fn claim_locally(&self, sid: &str, pin: Pin) -> Pin {
+        match &self.local {
+            Some(local) => local
+                .claim(sid, pin.clone(), self.idle_ttl)
+                .await
+                .unwrap_or(pin),
+            None => pin,
+        }
+    }
+
+    /// Follow the store's pin for `sid` from now on (it won over this replica's after an
+    /// outage). Live connections are not moved.
+    pub async fn adopt(&self, sid: &str, pin: &Pin) {
+        self.remember(sid, pin).await;
+    }
+
     /// Undo a pin this request created when its backend could not be reached, so the user's
     /// retry is placed afresh instead of going back to the dead backend for the idle TTL.
     pub async fn release_created(&self, sid: &str, placement: &Placement) {
         if let Some(pin) = &placement.created {
-            if let Some(local) = &self.local {
-                let _ = local.release(sid, pin).await;
-            }
-            let _ = self.store.release(sid, pin).await;
+            self.release_pin(sid, pin).await;
         }
+    }
+
+    /// Drop `pin` (only that one: a pin someone else created meanwhile stays).
+    pub async fn release_pin(&self, sid: &str, pin: &Pin) {
+        if let Some(local) = &self.local {
+            let _ = local.release(sid, pin).await;
+        }
+        let _ = self.store.release(sid, pin).await;
     }
 
     /// Keep a live session's pin alive (and recreate it if the store lost it).
@@ -235,6 +300,7 @@ impl Router {
         pool: &PoolConfig,
         pin: &Pin,
         claims: &Claims,
+        degraded: bool,
     ) -> Result<Option<Placement>, RoutingError> {
         if pin.pool != pool_name {
             return Err(RoutingError::BackendNotAllowed);
@@ -261,7 +327,7 @@ impl Router {
         if !pool.failover || claims.backend.is_some() {
             return Err(RoutingError::BackendUnavailable(backend.name.clone()));
         }
-        let chosen = self.choose(pool_name, pool, claims, !self.store.is_up())?;
+        let chosen = self.choose(pool_name, pool, claims, degraded)?;
         let now = store::unix_ms();
         let repin = Pin {
             backend: chosen.backend.name.clone(),
@@ -327,5 +393,17 @@ impl Router {
             created: None,
             owner: claims.sub.clone(),
         })
+    }
+}
+
+/// A pin for `claims`' session on the chosen backend, created now.
+fn new_pin(chosen: &Placement, claims: &Claims) -> Pin {
+    let now = store::unix_ms();
+    Pin {
+        backend: chosen.backend.name.clone(),
+        pool: chosen.pool.clone(),
+        owner: claims.sub.clone(),
+        created_at_ms: now,
+        updated_at_ms: now,
     }
 }

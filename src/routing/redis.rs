@@ -1,35 +1,56 @@
-//! The shared store (`store.kind: redis`): pins that every replica sees, revocations, and the
-//! `{prefix}events` channel for kicks and revocations across replicas (contract §4).
+//! The shared store (`store.kind: redis`): pins that every replica sees, revocations, kicks, and
+//! the `{prefix}events` channel for kicks and revocations across replicas (contract §4).
 //!
 //! Keys: `{prefix}session:{sid}` is a hash `{backend, pool, owner, created_at, updated_at}` (unix
-//! ms) with a TTL; `{prefix}revoked:{jti}` lives until the token's `exp`.
+//! ms) with a TTL; `{prefix}revoked:{jti}` lives until the token's `exp`; `{prefix}kicked:{sid}`
+//! holds the time of the session's last kick (unix ms) for a day (`control::KICK_TTL`), so a
+//! replica that missed the kick event closes the connections that started before it when it
+//! resubscribes.
 //!
-//! Failure is not an outage: every operation has a short timeout; the first failure marks the
-//! store down (`vncgate_store_up` 0, `/readyz` degraded) and from then on operations fail fast
-//! (the router falls back to its local pin cache and rendezvous placement) while the supervisor
-//! reconnects with exponential backoff and jitter. Once Redis answers again, the pins of live
-//! sessions are written back, so a Redis that restarted empty learns them again.
+//! Failure is not an outage. Every operation has a short timeout; the store is marked down
+//! (`vncgate_store_up` 0, `/readyz` degraded) when the liveness pings stop being answered or
+//! `OP_FAILURES_DOWN` operations fail in a row, and from then on operations fail fast (the
+//! router falls back to its local pin cache and rendezvous placement) while the supervisor
+//! reconnects (see [`supervise`]).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+pub mod supervise;
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use futures_util::StreamExt;
-use rand::Rng;
 use redis::AsyncCommands;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use tokio::sync::Notify;
+use redis::IntoConnectionInfo;
+use redis::aio::ConnectionManager;
+use redis::io::tcp::socket2::TcpKeepalive;
+use tokio::sync::{Notify, watch};
 
 use super::store::{Pin, SessionStore, StoreError};
 use crate::metrics::Metrics;
 
+pub use supervise::Replica;
+
 /// A store round trip on a LAN is well under a millisecond; half a second means it is gone, and
 /// an upgrade must not wait longer than that for it.
 const OP_TIMEOUT: Duration = Duration::from_millis(500);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// One slow operation (a fork for a snapshot, a slow script, a GC pause in a proxy) must not
+/// switch the whole replica to degraded placement; three failures in a row with no success in
+/// between are no hiccup. The liveness pings catch a dead store without any traffic.
+const OP_FAILURES_DOWN: u32 = 3;
+/// Catch-up queries are pipelined in batches of this many keys, so 10,000 live sessions are 20
+/// round trips, each well inside [`OP_TIMEOUT`].
+const CATCH_UP_BATCH: usize = 500;
+
+/// The kernel's share of liveness. Keepalive probes on an idle connection keep NAT and conntrack
+/// entries from expiring (the commonest cause of a half-open connection) and let the kernel give
+/// up on a dead path; `TCP_USER_TIMEOUT` bounds how long written data may go unacknowledged.
+/// The application-level PINGs (see [`supervise`]) are what notice a dead path within seconds:
+/// they also catch a peer that still acknowledges TCP but no longer answers.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+const KEEPALIVE_RETRIES: u32 = 3;
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Create the pin unless it exists; either way return the pin that holds (first writer wins,
 /// which is how concurrent first connections on different replicas agree).
@@ -66,16 +87,21 @@ pub struct RedisStore {
     client: redis::Client,
     manager: Mutex<Option<ConnectionManager>>,
     prefix: String,
-    up: AtomicBool,
-    went_down: Notify,
+    /// Whether the command connection answers. A watch, so the supervisor wakes when it goes
+    /// down and the subscriber when it comes back.
+    up: watch::Sender<bool>,
+    /// Operations failed in a row (any success resets it).
+    failures: AtomicU32,
+    /// Whether the `{prefix}events` subscription is live and answering its pings.
+    subscribed: AtomicBool,
+    /// The command connection was replaced without the store being marked down (the liveness
+    /// probe saw a new connection id): the pins must be written back all the same.
+    replaced: Notify,
     metrics: Arc<Metrics>,
     claim: redis::Script,
     refresh: redis::Script,
     release: redis::Script,
 }
-
-/// The pins of live sessions, for the write-back after a reconnect.
-pub type LivePins = Arc<dyn Fn() -> Vec<(String, Pin)> + Send + Sync>;
 
 impl RedisStore {
     /// Build the store without connecting: the supervisor connects from the runtime the
@@ -86,20 +112,36 @@ impl RedisStore {
         prefix: &str,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<RedisStore>, StoreError> {
-        let client =
-            redis::Client::open(url).map_err(|e| StoreError::Unreachable(e.to_string()))?;
+        let info = url
+            .into_connection_info()
+            .map_err(|e| StoreError::Unreachable(e.to_string()))?;
+        let keepalive = TcpKeepalive::new()
+            .with_time(KEEPALIVE_IDLE)
+            .with_interval(KEEPALIVE_INTERVAL)
+            .with_retries(KEEPALIVE_RETRIES);
+        let tcp = info
+            .tcp_settings()
+            .clone()
+            .set_nodelay(true)
+            .set_keepalive(keepalive)
+            .set_user_timeout(TCP_USER_TIMEOUT);
+        let client = redis::Client::open(info.set_tcp_settings(tcp))
+            .map_err(|e| StoreError::Unreachable(e.to_string()))?;
         let store = Arc::new(RedisStore {
             client,
             manager: Mutex::new(None),
             prefix: prefix.to_owned(),
-            up: AtomicBool::new(false),
-            went_down: Notify::new(),
+            up: watch::Sender::new(false),
+            failures: AtomicU32::new(0),
+            subscribed: AtomicBool::new(false),
+            replaced: Notify::new(),
             metrics,
             claim: redis::Script::new(CLAIM),
             refresh: redis::Script::new(REFRESH),
             release: redis::Script::new(RELEASE),
         });
         store.metrics.store_up.set(0);
+        store.metrics.store_subscriber_up.set(0);
         Ok(store)
     }
 
@@ -111,47 +153,51 @@ impl RedisStore {
         format!("{}revoked:{jti}", self.prefix)
     }
 
+    fn kicked_key(&self, sid: &str) -> String {
+        format!("{}kicked:{sid}", self.prefix)
+    }
+
     pub fn events_channel(&self) -> String {
         format!("{}events", self.prefix)
     }
 
-    async fn reconnect(&self) -> Result<(), StoreError> {
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(OP_TIMEOUT))
-            // The supervisor owns reconnection (with jitter, and the write-back after it).
-            .set_number_of_retries(1);
-        let mut manager = tokio::time::timeout(
-            CONNECT_TIMEOUT * 2,
-            self.client.get_connection_manager_with_config(config),
-        )
-        .await
-        .map_err(|_| StoreError::Timeout)?
-        .map_err(|e| StoreError::Unreachable(e.to_string()))?;
-        let _: String =
-            tokio::time::timeout(OP_TIMEOUT, redis::cmd("PING").query_async(&mut manager))
-                .await
-                .map_err(|_| StoreError::Timeout)?
-                .map_err(|e| StoreError::Unreachable(e.to_string()))?;
+    fn connection(&self) -> Option<ConnectionManager> {
+        self.manager
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_connection(&self, manager: ConnectionManager) {
         *self.manager.lock().unwrap_or_else(|p| p.into_inner()) = Some(manager);
-        Ok(())
     }
 
     fn mark_up(&self) {
-        self.up.store(true, Ordering::SeqCst);
+        self.failures.store(0, Ordering::SeqCst);
         self.metrics.store_up.set(1);
+        self.up.send_replace(true);
     }
 
+    /// The store is gone: fail fast from now on and wake the supervisor. Logged once per outage.
     fn mark_down(&self, op: &str, error: &StoreError) {
+        self.failures.store(0, Ordering::SeqCst);
+        if self.up.send_replace(false) {
+            self.metrics.store_up.set(0);
+            tracing::warn!(event = "store_error", op, store = "unreachable", error = %error,
+                "session store unreachable; serving degraded");
+        }
+    }
+
+    fn set_subscribed(&self, subscribed: bool) {
+        self.subscribed.store(subscribed, Ordering::SeqCst);
+        self.metrics.store_subscriber_up.set(i64::from(subscribed));
+    }
+
+    fn count_error(&self, op: &str) {
         self.metrics
             .store_errors_total
             .with_label_values(&[op])
             .inc();
-        if self.up.swap(false, Ordering::SeqCst) {
-            self.metrics.store_up.set(0);
-            tracing::warn!(event = "store_error", op, error = %error, "session store unreachable; serving degraded");
-            self.went_down.notify_one();
-        }
     }
 
     /// Run one operation with the timeout, timing and failure accounting every op shares.
@@ -160,20 +206,13 @@ impl RedisStore {
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        if !self.up.load(Ordering::SeqCst) {
+        if !self.is_up() {
             // Fail fast while down: the supervisor, not every upgrade, waits for Redis.
-            self.metrics
-                .store_errors_total
-                .with_label_values(&[name])
-                .inc();
+            self.count_error(name);
             return Err(StoreError::Unreachable("store marked down".into()));
         }
-        let Some(manager) = self
-            .manager
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-        else {
+        let Some(manager) = self.connection() else {
+            self.count_error(name);
             return Err(StoreError::Unreachable("not connected".into()));
         };
         let started = Instant::now();
@@ -183,101 +222,30 @@ impl RedisStore {
             .with_label_values(&[name])
             .observe(started.elapsed().as_secs_f64());
         let error = match result {
-            Ok(Ok(v)) => return Ok(v),
+            Ok(Ok(v)) => {
+                self.failures.store(0, Ordering::SeqCst);
+                return Ok(v);
+            }
             Ok(Err(e)) => StoreError::Unreachable(e.to_string()),
             Err(_) => StoreError::Timeout,
         };
-        self.mark_down(name, &error);
+        self.count_error(name);
+        let in_a_row = self.failures.fetch_add(1, Ordering::SeqCst) + 1;
+        if in_a_row >= OP_FAILURES_DOWN {
+            self.mark_down(name, &error);
+        } else {
+            tracing::warn!(event = "store_error", op = name, in_a_row, error = %error,
+                "session store operation failed");
+        }
         Err(error)
     }
 
-    /// Reconnect with exponential backoff and jitter whenever the store goes down, then write
-    /// back the pins of live sessions. Runs forever (a background task).
-    pub async fn run_supervisor(self: Arc<Self>, live_pins: LivePins) {
-        let mut first = true;
-        loop {
-            if self.up.load(Ordering::SeqCst) {
-                self.went_down.notified().await;
-            }
-            let mut backoff = BACKOFF_MIN;
-            let mut attempts = 0u32;
-            loop {
-                if !first || attempts > 0 {
-                    // Half jitter: replicas that lost Redis together do not retry in lockstep.
-                    let wait = rand::rng().random_range(backoff / 2..=backoff);
-                    tokio::time::sleep(wait).await;
-                }
-                attempts += 1;
-                match self.reconnect().await {
-                    Ok(()) => break,
-                    Err(e) => {
-                        self.metrics
-                            .store_errors_total
-                            .with_label_values(&["connect"])
-                            .inc();
-                        if first && attempts == 1 {
-                            tracing::warn!(event = "store_error", op = "connect", error = %e,
-                                "Redis unreachable at start; serving degraded");
-                        } else {
-                            tracing::debug!(event = "store_error", op = "connect", attempts, error = %e,
-                                "Redis still unreachable");
-                        }
-                        backoff = (backoff * 2).min(BACKOFF_MAX);
-                    }
-                }
-            }
-            self.mark_up();
-            if std::mem::take(&mut first) && attempts == 1 {
-                tracing::info!(event = "store_connected", "session store connected");
-                continue;
-            }
-            let pins = live_pins();
-            let mut written = 0usize;
-            for (sid, pin) in &pins {
-                if self.write_back(sid, pin).await.is_ok() {
-                    written += 1;
-                }
-            }
-            tracing::info!(
-                event = "store_reconnected",
-                attempts,
-                pins_written = written,
-                "session store reachable again; {written} live pins written back"
-            );
-        }
-    }
-
-    async fn write_back(&self, sid: &str, pin: &Pin) -> Result<(), StoreError> {
-        // The idle TTL is refreshed by the session itself within a third of it; a day is only
-        // the bound if that never happens.
-        self.refresh(sid, pin, Duration::from_secs(86400)).await
-    }
-
-    /// Deliver every message on `{prefix}events` to `on_event`, resubscribing after failures.
-    pub async fn run_subscriber(self: Arc<Self>, on_event: Arc<dyn Fn(&str) + Send + Sync>) {
-        let channel = self.events_channel();
-        let mut backoff = BACKOFF_MIN;
-        loop {
-            match self.client.get_async_pubsub().await {
-                Ok(mut pubsub) => {
-                    if pubsub.subscribe(&channel).await.is_ok() {
-                        backoff = BACKOFF_MIN;
-                        let mut messages = pubsub.on_message();
-                        while let Some(msg) = messages.next().await {
-                            if let Ok(payload) = msg.get_payload::<String>() {
-                                on_event(&payload);
-                            }
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::debug!(event = "store_error", op = "subscribe", error = %e, "event subscription failed")
-                }
-            }
-            let wait = rand::rng().random_range(backoff / 2..=backoff);
-            tokio::time::sleep(wait).await;
-            backoff = (backoff * 2).min(BACKOFF_MAX);
-        }
+    /// Put a live session's pin back after a reconnect unless the store holds one already
+    /// (another replica wrote it meanwhile); returns the pin that holds.
+    async fn write_back(&self, sid: &str, pin: &Pin) -> Result<Pin, StoreError> {
+        // The session refreshes its pin to the idle TTL within a third of it; a day is only the
+        // bound if that never happens.
+        SessionStore::claim(self, sid, pin.clone(), Duration::from_secs(86400)).await
     }
 }
 
@@ -416,6 +384,57 @@ impl SessionStore for RedisStore {
         .await
     }
 
+    async fn revoked_among(&self, jtis: &[String]) -> Result<Vec<(String, Duration)>, StoreError> {
+        let mut revoked = Vec::new();
+        for batch in jtis.chunks(CATCH_UP_BATCH) {
+            let keys: Vec<String> = batch.iter().map(|j| self.revoked_key(j)).collect();
+            let ttls: Vec<i64> = self
+                .op("check_revoked", |mut c| async move {
+                    let mut pipe = redis::pipe();
+                    for key in &keys {
+                        pipe.pttl(key);
+                    }
+                    pipe.query_async(&mut c).await
+                })
+                .await?;
+            // PTTL: -2 when the key is missing, -1 when it has no TTL (never written so).
+            revoked.extend(batch.iter().zip(ttls).filter_map(|(jti, ttl)| match ttl {
+                -2 => None,
+                -1 => Some((jti.clone(), Duration::from_secs(86400))),
+                ms => Some((jti.clone(), Duration::from_millis(ms.max(1) as u64))),
+            }));
+        }
+        Ok(revoked)
+    }
+
+    async fn record_kick(&self, sid: &str, at_ms: u64, ttl: Duration) -> Result<(), StoreError> {
+        let key = self.kicked_key(sid);
+        self.op("kick", |mut c| async move {
+            c.pset_ex::<_, _, ()>(&key, at_ms, ms(ttl)).await
+        })
+        .await
+    }
+
+    async fn kicked_at(&self, sids: &[String]) -> Result<Vec<Option<u64>>, StoreError> {
+        let mut out = Vec::with_capacity(sids.len());
+        for batch in sids.chunks(CATCH_UP_BATCH) {
+            let keys: Vec<String> = batch.iter().map(|s| self.kicked_key(s)).collect();
+            // MGET with a single key would answer a bare value, not an array: a pipeline of
+            // GETs has one shape for any count.
+            let values: Vec<Option<u64>> = self
+                .op("check_kicked", |mut c| async move {
+                    let mut pipe = redis::pipe();
+                    for key in &keys {
+                        pipe.get(key);
+                    }
+                    pipe.query_async(&mut c).await
+                })
+                .await?;
+            out.extend(values);
+        }
+        Ok(out)
+    }
+
     async fn publish(&self, payload: &str) -> Result<(), StoreError> {
         let channel = self.events_channel();
         let payload = payload.to_owned();
@@ -426,6 +445,10 @@ impl SessionStore for RedisStore {
     }
 
     fn is_up(&self) -> bool {
-        self.up.load(Ordering::SeqCst)
+        *self.up.borrow()
+    }
+
+    fn events_up(&self) -> bool {
+        self.subscribed.load(Ordering::SeqCst)
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod browser;
 pub mod desktop;
+pub mod fault_proxy;
 pub mod jwks_server;
 pub mod log_tail;
 pub mod redis_server;
@@ -545,4 +546,50 @@ pub async fn open_session(gw: &Gateway, token: &str) -> Live {
         gw.ws_url(&format!("?token={token}")),
     ))
     .await
+}
+
+/// Upgrade by hand over raw TCP and return the socket: a peer we can make misbehave in ways no
+/// WebSocket library allows (never read, never answer a ping: a half-open connection).
+pub async fn raw_upgrade(gw: &Gateway, sub: &str) -> tokio::net::TcpStream {
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .expect("connect");
+    let request = format!(
+        "GET /websockify?token={} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        token(sub, None)
+    );
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tcp.write_all(request.as_bytes()).await.expect("write");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            tcp.read(&mut byte).await.expect("read"),
+            1,
+            "closed during upgrade"
+        );
+        head.push(byte[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    tcp
+}
+
+/// `n` RFB desktops named d0, d1, ... (8x8, a different colour each).
+pub async fn desks(n: usize) -> Vec<rfb_server::RfbServer> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let mode = rfb_server::Mode::Rfb {
+            name: format!("d{i}"),
+            width: 8,
+            height: 8,
+            rgb: [i as u8, 0, 0],
+        };
+        out.push(rfb_server::RfbServer::start(mode).await.expect("fixture"));
+    }
+    out
 }

@@ -1,0 +1,434 @@
+//! Redis outages the gateway must notice by itself, through a real `redis-server` and, where the
+//! outage is a broken network path rather than a dead server, a fault-injecting TCP proxy:
+//! - a half-open path (blackhole) or a killed server turns `/readyz` degraded and the store
+//!   gauges to 0 with no request traffic at all;
+//! - a replica whose event subscription was dead resubscribes and catches up on the kicks and
+//!   revocations it missed;
+//! - admin calls say what they did when Redis is down (not a plain 200);
+//! - owner binding and replica agreement hold while Redis is down or refuses writes, and pins
+//!   written back after an outage do not overwrite another replica's.
+
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Instant;
+
+use common::fault_proxy::{Fault, FaultProxy};
+use common::redis_server::RedisServer;
+use common::rfb_client::{self, WsConnect};
+use common::rfb_server::RfbServer;
+use common::{
+    BackendSpec, EVENT_TIMEOUT, Gateway, GatewayConfig, Live, desks, now, open_session as open,
+};
+use redis::AsyncCommands;
+use serde_json::{Value, json};
+
+/// Between two looks at an endpoint that changes on its own; the deadline is [`EVENT_TIMEOUT`].
+const POLL_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+
+fn config(desks: &[RfbServer], redis_url: String) -> GatewayConfig {
+    let backends = desks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| BackendSpec::rfb(&format!("d{i}"), d.addr))
+        .collect();
+    let mut cfg = GatewayConfig::new(backends);
+    cfg.redis_url = Some(redis_url);
+    cfg.extra = "limits:\n  max_sessions_per_user: 100\n".into();
+    cfg
+}
+
+fn redis_addr(redis: &RedisServer) -> SocketAddr {
+    (Ipv4Addr::LOCALHOST, redis.port).into()
+}
+
+fn url_via(proxy: &FaultProxy) -> String {
+    format!("redis://{}/0", proxy.addr())
+}
+
+fn jwt(sub: &str, sid: &str, extra: Value) -> String {
+    let mut claims = json!({ "sub": sub, "sid": sid, "exp": now() + 600 });
+    if let (Some(claims), Value::Object(extra)) = (claims.as_object_mut(), extra) {
+        claims.extend(extra);
+    }
+    common::token_with_claims(&claims)
+}
+
+async fn refusal(gw: &Gateway, token: &str) -> (u16, String) {
+    let c = WsConnect::new(gw.ws_url(&format!("?token={token}")));
+    let err = rfb_client::connect(&c).await.err().expect("refused");
+    rfb_client::error_code(&err).expect("http refusal")
+}
+
+async fn readyz(gw: &Gateway) -> Value {
+    let (_, body) = gw.admin_get("/readyz").await;
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("/readyz {body}: {e}"))
+}
+
+/// Polls `/readyz` until `pred` holds; the state changes on its own (pings), so there is no
+/// event to await, only a deadline.
+async fn readyz_until(gw: &Gateway, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + EVENT_TIMEOUT;
+    loop {
+        let ready = readyz(gw).await;
+        if pred(&ready) {
+            return ready;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/readyz did not turn {what} within {EVENT_TIMEOUT:?}; last answer: {ready}"
+        );
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+}
+
+fn is_degraded(ready: &Value) -> bool {
+    ready["status"] == "degraded" && ready["store"] == "unreachable"
+}
+
+fn fully_ready(ready: &Value) -> bool {
+    ready["status"] == "ready" && ready["store"] == "ok" && ready["subscriber"] == "ok"
+}
+
+async fn close_code(live: &mut Live) -> u16 {
+    let close = tokio::time::timeout(EVENT_TIMEOUT, rfb_client::read_close(&mut live.ws))
+        .await
+        .expect("no close frame in time")
+        .expect("close frame");
+    u16::from(close.code)
+}
+
+/// A half-open path to Redis (no FIN, no RST, nothing answers) is noticed by the liveness pings
+/// alone: no upgrade, no admin call touches the store. When the path heals, everything is up
+/// again.
+#[tokio::test]
+async fn a_blackholed_redis_path_is_noticed_without_traffic() {
+    let redis = RedisServer::start().await.expect("redis");
+    let proxy = FaultProxy::start(redis_addr(&redis)).await.expect("proxy");
+    let desks = desks(1).await;
+    let gw = Gateway::start(config(&desks, url_via(&proxy))).await;
+    gw.wait_log(|v| v["event"] == "store_subscribed").await;
+    readyz_until(&gw, "ready", fully_ready).await;
+    assert_eq!(gw.metric("vncgate_store_up").await, 1.0);
+    assert_eq!(gw.metric("vncgate_store_subscriber_up").await, 1.0);
+
+    proxy.set(Fault::Blackhole);
+    let ready = readyz_until(&gw, "degraded with the subscriber down", |r| {
+        is_degraded(r) && r["subscriber"] == "down"
+    })
+    .await;
+    assert_eq!(ready["backends"]["healthy"], 1, "{ready}");
+    assert_eq!(gw.metric("vncgate_store_up").await, 0.0);
+    assert_eq!(gw.metric("vncgate_store_subscriber_up").await, 0.0);
+
+    proxy.set(Fault::Pass);
+    gw.wait_log(|v| v["event"] == "store_reconnected").await;
+    readyz_until(&gw, "ready again", fully_ready).await;
+    assert_eq!(gw.metric("vncgate_store_subscriber_up").await, 1.0);
+}
+
+/// A Redis that dies (SIGKILL) is noticed the same way, without any upgrade asking the store.
+#[tokio::test]
+async fn a_killed_redis_is_noticed_without_traffic() {
+    let mut redis = RedisServer::start().await.expect("redis");
+    let desks = desks(1).await;
+    let gw = Gateway::start(config(&desks, redis.url())).await;
+    gw.wait_log(|v| v["event"] == "store_subscribed").await;
+    readyz_until(&gw, "ready", fully_ready).await;
+
+    redis.kill().await.expect("kill redis");
+    readyz_until(&gw, "degraded", is_degraded).await;
+    assert_eq!(gw.metric("vncgate_store_up").await, 0.0);
+    assert_eq!(gw.metric("vncgate_store_subscriber_up").await, 0.0);
+}
+
+/// Replica B's only path to Redis goes half-open. Meanwhile replica A revokes a token used on B
+/// and kicks another session living on B: the events are published while B cannot hear them.
+/// Once the path heals, B notices its subscription is dead, subscribes again, and catches up
+/// from the store: both sessions close with 4003.
+#[tokio::test]
+async fn a_replica_that_missed_kicks_and_revocations_catches_up() {
+    let redis = RedisServer::start().await.expect("redis");
+    let proxy = FaultProxy::start(redis_addr(&redis)).await.expect("proxy");
+    let desks = desks(2).await;
+    let (a, b) = tokio::join!(
+        Gateway::start(config(&desks, redis.url())),
+        Gateway::start(config(&desks, url_via(&proxy)))
+    );
+    b.wait_log(|v| v["event"] == "store_subscribed").await;
+    let mut bob = open(&b, &jwt("bob", "bobs", json!({ "jti": "jti-bob" }))).await;
+    let mut carol = open(&b, &jwt("carol", "carols", json!({}))).await;
+
+    proxy.set(Fault::Blackhole);
+    readyz_until(&b, "degraded with the subscriber down", |r| {
+        r["status"] == "degraded" && r["subscriber"] == "down"
+    })
+    .await;
+
+    let (status, body) = a
+        .admin("POST", "/admin/revoke", r#"{"jti":"jti-bob"}"#)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(
+        (&answer["closed"], &answer["stored"], &answer["broadcast"]),
+        (&json!(0), &json!(true), &json!(true)),
+        "{body}"
+    );
+    let (status, body) = a.admin("DELETE", "/admin/sessions/carols", "").await;
+    assert_eq!(status, 200, "{body}");
+    let mut con = redis.client().await.expect("client");
+    let kicked_at: Option<u64> = con.get("vncgate:kicked:carols").await.expect("get");
+    assert!(
+        kicked_at.is_some(),
+        "the kick is stored for replicas that miss it"
+    );
+
+    proxy.set(Fault::Pass);
+    assert_eq!(close_code(&mut bob).await, 4003, "revoked token on B");
+    assert_eq!(close_code(&mut carol).await, 4003, "kicked session on B");
+    let caught_up = b
+        .wait_log(|v| {
+            v["event"] == "store_caught_up"
+                && (v["revoked_closed"].as_u64().unwrap_or(0)
+                    + v["kicked_closed"].as_u64().unwrap_or(0))
+                    > 0
+        })
+        .await;
+    assert_eq!(
+        (&caught_up["revoked_closed"], &caught_up["kicked_closed"]),
+        (&json!(1), &json!(1)),
+        "{caught_up}"
+    );
+    b.wait_log(|v| v["event"] == "store_subscribed" && v["resubscribed"] == true)
+        .await;
+    // B refuses the revoked token from now on; the kicked session may come back (a kick is not
+    // a ban), on the same desktop.
+    assert_eq!(
+        refusal(&b, &jwt("bob", "bobs", json!({ "jti": "jti-bob" }))).await,
+        (403, "token_revoked".into())
+    );
+    let again = open(&b, &jwt("carol", "carols", json!({}))).await;
+    assert_eq!(again.session.server_name, carol.session.server_name);
+}
+
+/// With Redis down, an admin call answers what it did: 202 when it acted on this replica only,
+/// 503 `store_unavailable` when it could do nothing at all; never a plain 200.
+#[tokio::test]
+async fn admin_calls_with_redis_down_say_what_they_did() {
+    let mut redis = RedisServer::start().await.expect("redis");
+    let desks = desks(1).await;
+    let gw = Gateway::start(config(&desks, redis.url())).await;
+    let mut alice = open(&gw, &jwt("alice", "live", json!({}))).await;
+    redis.kill().await.expect("kill redis");
+    readyz_until(&gw, "degraded", is_degraded).await;
+
+    let (status, body) = gw.admin("DELETE", "/admin/sessions/live", "").await;
+    assert_eq!(status, 202, "{body}");
+    let answer: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(
+        (&answer["closed"], &answer["stored"], &answer["broadcast"]),
+        (&json!(1), &json!(false), &json!(false)),
+        "{body}"
+    );
+    assert_eq!(close_code(&mut alice).await, 4003);
+
+    let (status, body) = gw.admin("DELETE", "/admin/sessions/elsewhere", "").await;
+    assert_eq!(status, 503, "{body}");
+    let answer: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(answer["error"], "store_unavailable", "{body}");
+    assert_eq!(
+        (&answer["closed"], &answer["broadcast"]),
+        (&json!(0), &json!(false))
+    );
+
+    let (status, body) = gw
+        .admin(
+            "PUT",
+            "/admin/sessions/elsewhere/input",
+            r#"{"mode":"view_only"}"#,
+        )
+        .await;
+    assert_eq!(status, 503, "{body}");
+
+    // A revocation always does something: this replica refuses the token from now on.
+    let (status, body) = gw
+        .admin("POST", "/admin/revoke", r#"{"jti":"jti-x"}"#)
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let answer: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(
+        (&answer["stored"], &answer["broadcast"]),
+        (&json!(false), &json!(false)),
+        "{body}"
+    );
+    assert_eq!(
+        refusal(&gw, &jwt("alice", "other", json!({ "jti": "jti-x" }))).await,
+        (403, "token_revoked".into())
+    );
+}
+
+enum Outage {
+    /// The server is gone.
+    Killed,
+    /// Reads still work, every write fails (`READONLY`), as during a failover: claims error.
+    ReadOnly,
+}
+
+/// Two replicas; A carries a session on the backend that the rendezvous hash prefers for the
+/// `sid` "fresh", so by load alone A would place "fresh" elsewhere than an idle B. During the
+/// outage both place "fresh" by rendezvous on the same backend, and A binds it to its first
+/// owner: another `sub` gets 403 there.
+async fn placement_holds_during(outage: Outage) {
+    let mut redis = RedisServer::start().await.expect("redis");
+    let desks = desks(2).await;
+    let (a, b) = tokio::join!(
+        Gateway::start(config(&desks, redis.url())),
+        Gateway::start(config(&desks, redis.url()))
+    );
+    let preferred = vncgate::routing::placement::least_loaded("fresh", &[("d0", 0), ("d1", 0)])
+        .expect("a backend")
+        .to_owned();
+    let load = open(
+        &a,
+        &jwt("loader", "load", json!({ "backend": preferred.clone() })),
+    )
+    .await;
+    assert_eq!(load.session.server_name, preferred);
+
+    match outage {
+        Outage::Killed => redis.kill().await.expect("kill redis"),
+        Outage::ReadOnly => {
+            let mut con = redis.client().await.expect("client");
+            // A master that does not exist: the server stays a read-only replica, serving its
+            // (stale) data, refusing every write.
+            let closed_port = common::free_port();
+            let _: () = redis::cmd("REPLICAOF")
+                .arg("127.0.0.1")
+                .arg(closed_port)
+                .query_async(&mut con)
+                .await
+                .expect("replicaof");
+        }
+    }
+
+    let on_a = open(&a, &jwt("alice", "fresh", json!({}))).await;
+    let on_b = open(&b, &jwt("alice", "fresh", json!({}))).await;
+    assert_eq!(
+        (
+            on_a.session.server_name.as_str(),
+            on_b.session.server_name.as_str()
+        ),
+        (preferred.as_str(), preferred.as_str()),
+        "replicas must agree by rendezvous while the store cannot"
+    );
+    assert_eq!(
+        refusal(&a, &jwt("mallory", "fresh", json!({}))).await,
+        (403, "session_owned_by_other_user".into())
+    );
+    // The owner still gets in.
+    let again = open(&a, &jwt("alice", "fresh", json!({}))).await;
+    assert_eq!(again.session.server_name, preferred);
+}
+
+#[tokio::test]
+async fn owner_binding_and_rendezvous_hold_while_redis_is_down() {
+    placement_holds_during(Outage::Killed).await;
+}
+
+#[tokio::test]
+async fn owner_binding_and_rendezvous_hold_while_redis_refuses_writes() {
+    placement_holds_during(Outage::ReadOnly).await;
+}
+
+/// While Redis is down, each replica binds the same new `sid` to a different user (neither can
+/// know of the other). When Redis is back, the first write-back wins; the second is not written
+/// over it but logged as a conflict, and from then on both replicas follow the stored pin.
+#[tokio::test]
+async fn written_back_pins_do_not_overwrite_another_replicas_pin() {
+    let mut redis = RedisServer::start().await.expect("redis");
+    let desks = desks(2).await;
+    let (a, b) = tokio::join!(
+        Gateway::start(config(&desks, redis.url())),
+        Gateway::start(config(&desks, redis.url()))
+    );
+    redis.kill().await.expect("kill redis");
+    readyz_until(&a, "degraded", is_degraded).await;
+    readyz_until(&b, "degraded", is_degraded).await;
+    let _alice = open(&a, &jwt("alice", "twice", json!({}))).await;
+    let _bob = open(&b, &jwt("bob", "twice", json!({}))).await;
+
+    redis.restart().await.expect("restart redis");
+    a.wait_log(|v| v["event"] == "store_reconnected").await;
+    b.wait_log(|v| v["event"] == "store_reconnected").await;
+    let conflicts: Vec<Value> = [&a, &b]
+        .iter()
+        .flat_map(|gw| gw.logs())
+        .filter(|v| v["event"] == "store_pin_conflict")
+        .collect();
+    assert_eq!(conflicts.len(), 1, "one write-back lost: {conflicts:?}");
+    let mut con = redis.client().await.expect("client");
+    let owner: Option<String> = con
+        .hget("vncgate:session:twice", "owner")
+        .await
+        .expect("hget");
+    let owner = owner.expect("a pin");
+    let other = if owner == "alice" { "bob" } else { "alice" };
+    assert_eq!(
+        conflicts[0]["store_owner"], owner,
+        "the conflict names the pin that holds"
+    );
+    for gw in [&a, &b] {
+        assert_eq!(
+            refusal(gw, &jwt(other, "twice", json!({}))).await,
+            (403, "session_owned_by_other_user".into())
+        );
+        open(gw, &jwt(&owner, "twice", json!({}))).await;
+    }
+}
+
+/// The fault proxy itself, against a real Redis speaking RESP over raw sockets: it forwards,
+/// delays without losing bytes, resets with RST, closes with FIN, and holds a paused connection
+/// until the pause ends.
+#[tokio::test]
+async fn the_fault_proxy_does_what_it_says() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let redis = RedisServer::start().await.expect("redis");
+    let proxy = FaultProxy::start(redis_addr(&redis)).await.expect("proxy");
+    async fn ping(s: &mut tokio::net::TcpStream) -> std::io::Result<String> {
+        s.write_all(b"PING\r\n").await?;
+        let mut buf = [0u8; 7];
+        s.read_exact(&mut buf).await?;
+        Ok(String::from_utf8_lossy(&buf).into_owned())
+    }
+    let connect = || tokio::net::TcpStream::connect(proxy.addr());
+
+    let mut a = connect().await.expect("connect");
+    assert_eq!(ping(&mut a).await.expect("pass"), "+PONG\r\n");
+    proxy.wait_connections(1).await;
+
+    proxy.set(Fault::Delay(std::time::Duration::from_millis(20)));
+    for _ in 0..5 {
+        assert_eq!(ping(&mut a).await.expect("delayed"), "+PONG\r\n");
+    }
+
+    // Paused: the request is held, and answered once the pause ends.
+    proxy.set(Fault::Pause);
+    a.write_all(b"PING\r\n").await.expect("write");
+    proxy.set(Fault::Pass);
+    let mut buf = [0u8; 7];
+    a.read_exact(&mut buf).await.expect("after the pause");
+    assert_eq!(&buf, b"+PONG\r\n");
+
+    proxy.set(Fault::Reset);
+    let mut byte = [0u8; 1];
+    let err = a.read(&mut byte).await.expect_err("reset");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+
+    proxy.set(Fault::Pass);
+    let mut b = connect().await.expect("connect");
+    assert_eq!(ping(&mut b).await.expect("pass again"), "+PONG\r\n");
+    proxy.set(Fault::Drop);
+    assert_eq!(b.read(&mut byte).await.expect("orderly close"), 0, "FIN");
+    assert!(proxy.accepted() >= 2);
+}
