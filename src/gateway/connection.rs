@@ -116,7 +116,9 @@ impl ServerApp for App {
                     "PROXY protocol listener: the peer is not in trusted_proxies");
                 return None;
             }
-            match tokio::time::timeout(limits.head_timeout, proxy_header::read(&mut l4)).await {
+            match tokio::time::timeout(limits.head_timeout, Box::pin(proxy_header::read(&mut l4)))
+                .await
+            {
                 Ok(Ok(Some(addr))) => client_addr = Some(addr),
                 Ok(Ok(None)) => {}
                 // A TCP check (the balancer's own, or the start-up probe) sends nothing.
@@ -215,7 +217,11 @@ impl App {
             };
             let mut h1 = HttpSession::new(stream);
             h1.set_pipelined_prefix(prefix);
-            let Some(reused) = self.serve(ServerSession::H1(h1), conn, shutdown).await else {
+            // Boxed: a request's future (an upgrade holds a whole session) is allocated when a
+            // request arrives, not with every idle connection's task (RSS per idle connection,
+            // tests/accept_path.rs: 27 KiB with it inline, 24 KiB boxed).
+            let served = Box::pin(self.serve(ServerSession::H1(h1), conn, shutdown)).await;
+            let Some(reused) = served else {
                 return;
             };
             stream = reused.consume().0;
