@@ -108,10 +108,17 @@ impl ServerApp for App {
         };
         let mut client_addr = peer;
         if let Some(trusted) = &spec.trusted_proxies {
-            let trusted_peer = peer.is_some_and(|p| trusted.iter().any(|n| n.contains(&p.ip())));
+            // A dual-stack listener sees IPv4 peers as ::ffff:a.b.c.d; trusted_proxies are
+            // written as IPv4 networks.
+            let trusted_peer = peer.is_some_and(|p| {
+                let ip = p.ip().to_canonical();
+                trusted.iter().any(|n| n.contains(&ip))
+            });
             if !trusted_peer {
                 gw.metrics.edge.refused(ConnRefusal::UntrustedProxy);
-                tracing::warn!(event = "connection_refused", reason = "untrusted_proxy",
+                // Debug, as every refusal here: whoever can reach the port could fill the logs;
+                // the counter shows the rate.
+                tracing::debug!(event = "connection_refused", reason = "untrusted_proxy",
                     peer = %peer.map(|p| p.to_string()).unwrap_or_default(),
                     "PROXY protocol listener: the peer is not in trusted_proxies");
                 return None;
@@ -125,7 +132,7 @@ impl ServerApp for App {
                 Ok(Err(proxy_header::ProxyHeaderError::Closed)) => return None,
                 Ok(Err(e)) => {
                     gw.metrics.edge.refused(ConnRefusal::ProxyHeader);
-                    tracing::warn!(event = "connection_refused", reason = "proxy_header", error = %e,
+                    tracing::debug!(event = "connection_refused", reason = "proxy_header", error = %e,
                         "PROXY protocol listener: no valid header");
                     return None;
                 }
