@@ -91,14 +91,13 @@ pub async fn serve(start: SessionStart) {
         owner,
         backend,
         role,
-        registration: _registration,
+        registration,
         control,
         settings,
         held,
         env,
         created_pin,
     } = start;
-    let _held = held;
     let terminate = matches!(backend, Backend::Rfb(_));
     let view_only = *control.view_only.borrow();
     let policy = Policy {
@@ -182,6 +181,10 @@ pub async fn serve(start: SessionStart) {
     // The pin outlives the session by the idle TTL from now. A store error was already logged
     // and counted by the store; the local cache still holds the pin.
     let _ = Box::pin(env.router.refresh_pin(&sid, &pin)).await;
+    // Slots first, then the log line: whoever acts on `session_ended` (a client reconnecting
+    // at once, a test) finds the user's and the backend's slots free.
+    drop(held);
+    drop(registration);
     tracing::info!(
         event = "session_ended",
         close_code = code.as_u16(),
