@@ -65,6 +65,15 @@ async fn echo_once(c: WsConnect) {
     assert_eq!(echoed.into_data().as_ref(), b"still serving");
 }
 
+/// `n` connections from `from` that never send a byte.
+async fn open_idle(from: IpAddr, port: u16, n: usize) -> Vec<TcpStream> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(connect_from(from, port).await.expect("connect"));
+    }
+    out
+}
+
 fn limits(lines: &[&str]) -> String {
     format!(
         "limits:\n{}",
@@ -126,13 +135,7 @@ async fn idle_connections_are_capped_per_address_and_in_total_while_sessions_go_
     metric_becomes(&gw, "vncgate_pre_auth_connections", 0.0).await;
 
     let mut idle = Vec::new();
-    for _ in 0..3 {
-        idle.push(
-            connect_from(ip("127.0.0.2"), gw.port)
-                .await
-                .expect("connect"),
-        );
-    }
+    idle.extend(open_idle(ip("127.0.0.2"), gw.port, 3).await);
     metric_becomes(&gw, "vncgate_pre_auth_connections", 3.0).await;
     let mut fourth = connect_from(ip("127.0.0.2"), gw.port)
         .await
@@ -143,13 +146,7 @@ async fn idle_connections_are_capped_per_address_and_in_total_while_sessions_go_
             .await,
         1.0
     );
-    for _ in 0..3 {
-        idle.push(
-            connect_from(ip("127.0.0.3"), gw.port)
-                .await
-                .expect("connect"),
-        );
-    }
+    idle.extend(open_idle(ip("127.0.0.3"), gw.port, 3).await);
     metric_becomes(&gw, "vncgate_pre_auth_connections", 6.0).await;
     let mut over = connect_from(ip("127.0.0.4"), gw.port)
         .await
@@ -382,9 +379,7 @@ async fn two_thousand_idle_connections_cost_bounded_descriptors_and_memory() {
         .into_iter()
         .enumerate()
     {
-        for _ in 0..500 {
-            idle.push(connect_from(ip(from), gw.port).await.expect("connect"));
-        }
+        idle.extend(open_idle(ip(from), gw.port, 500).await);
         let held = (400 * (n + 1)).min(1200);
         metric_becomes(&gw, "vncgate_pre_auth_connections", held as f64).await;
     }

@@ -20,7 +20,7 @@ use pingora_core::server::ShutdownWatch;
 
 use super::pre_auth::{ConnRefusal, PreAuthPermit};
 use super::{App, Gateway, KEEPALIVE_SECONDS, head, proxy_header, tls};
-use crate::config::Config;
+use crate::config::{Config, Limits};
 
 /// What the accept path needs to know about one configured listener. Fixed at start: listener
 /// changes need a restart or a binary upgrade (as in the README).
@@ -202,32 +202,18 @@ impl App {
         let mut idle = None;
         loop {
             let limits = gw.config().limits.clone();
-            let prefix = match head::read(
-                &mut stream,
-                idle,
-                limits.head_timeout,
-                limits.max_head_bytes,
-            )
-            .await
-            {
-                head::Head::Ready(prefix) => prefix,
-                head::Head::Closed => return,
-                head::Head::TimedOut => {
+            let session = match next_request(stream, idle, &limits).await {
+                Ok(session) => session,
+                Err(head::Head::TimedOut) => {
                     gw.metrics.edge.refused(ConnRefusal::HeadTimeout);
                     return;
                 }
-                head::Head::TooLarge => {
-                    head::refuse_too_large(&mut stream, limits.max_head_bytes, limits.head_timeout)
-                        .await;
-                    return;
-                }
+                Err(_) => return,
             };
-            let mut h1 = HttpSession::new(stream);
-            h1.set_pipelined_prefix(prefix);
             // Boxed: a request's future (an upgrade holds a whole session) is allocated when a
             // request arrives, not with every idle connection's task (RSS per idle connection,
             // tests/accept_path.rs: 27 KiB with it inline, 24 KiB boxed).
-            let served = Box::pin(self.serve(ServerSession::H1(h1), conn, shutdown)).await;
+            let served = Box::pin(self.serve(session, conn, shutdown)).await;
             let Some(reused) = served else {
                 return;
             };
@@ -237,6 +223,34 @@ impl App {
             }
             idle = Some(Duration::from_secs(KEEPALIVE_SECONDS));
         }
+    }
+}
+
+/// The next request on `stream` as a Pingora session with its head already read, or why there
+/// is none (`Closed`, `TimedOut`, or `TooLarge`, which has been answered 400).
+async fn next_request(
+    mut stream: Stream,
+    idle: Option<Duration>,
+    limits: &Limits,
+) -> Result<ServerSession, head::Head> {
+    match head::read(
+        &mut stream,
+        idle,
+        limits.head_timeout,
+        limits.max_head_bytes,
+    )
+    .await
+    {
+        head::Head::Ready(prefix) => {
+            let mut h1 = HttpSession::new(stream);
+            h1.set_pipelined_prefix(prefix);
+            Ok(ServerSession::H1(h1))
+        }
+        head::Head::TooLarge => {
+            head::refuse_too_large(&mut stream, limits.max_head_bytes, limits.head_timeout).await;
+            Err(head::Head::TooLarge)
+        }
+        other => Err(other),
     }
 }
 
@@ -259,33 +273,17 @@ fn socket_addr(stream: &Stream, side: Side) -> Option<SocketAddr> {
 pub async fn serve_admin_connection(
     app: Arc<super::admin::AdminApp>,
     tcp: tokio::net::TcpStream,
-    limits: crate::config::Limits,
+    limits: Limits,
     shutdown: ShutdownWatch,
 ) {
     use pingora_core::apps::HttpServerApp;
     let mut stream: Stream = Box::new(L4Stream::from(tcp));
     let mut idle = None;
     loop {
-        let prefix = match head::read(
-            &mut stream,
-            idle,
-            limits.head_timeout,
-            limits.max_head_bytes,
-        )
-        .await
-        {
-            head::Head::Ready(prefix) => prefix,
-            head::Head::TooLarge => {
-                head::refuse_too_large(&mut stream, limits.max_head_bytes, limits.head_timeout)
-                    .await;
-                return;
-            }
-            head::Head::Closed | head::Head::TimedOut => return,
+        let Ok(session) = next_request(stream, idle, &limits).await else {
+            return;
         };
-        let mut h1 = HttpSession::new(stream);
-        h1.set_pipelined_prefix(prefix);
-        let reused: Option<ReusedHttpStream> =
-            app.process_new_http(ServerSession::H1(h1), &shutdown).await;
+        let reused: Option<ReusedHttpStream> = app.process_new_http(session, &shutdown).await;
         let Some(reused) = reused else { return };
         stream = reused.consume().0;
         idle = Some(Duration::from_secs(KEEPALIVE_SECONDS));
