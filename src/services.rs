@@ -286,6 +286,13 @@ fn release_freed_memory() -> bool {
 
 pub struct Drain(pub Arc<Gateway>);
 
+/// Every session has ended and logged it: tickets cover upgrades still connecting to their
+/// backend; registrations are dropped only after the `session_ended` line is written.
+async fn sessions_gone(gw: &Gateway) {
+    gw.admission.wait_idle().await;
+    gw.sessions.wait_empty().await;
+}
+
 #[async_trait]
 impl BackgroundService for Drain {
     async fn start(&self, mut shutdown: ShutdownWatch) {
@@ -306,7 +313,7 @@ impl BackgroundService for Drain {
         );
         // Tickets, not registry entries: an upgrade still connecting to its backend holds a
         // ticket before it registers, and must get its 1001 too.
-        if tokio::time::timeout(drain, gw.admission.wait_idle())
+        if tokio::time::timeout(drain, sessions_gone(gw))
             .await
             .is_err()
         {
@@ -318,7 +325,7 @@ impl BackgroundService for Drain {
                 sessions = closed,
                 "drain deadline reached: closing with 1001"
             );
-            let _ = tokio::time::timeout(CLOSE_GRACE, gw.admission.wait_idle()).await;
+            let _ = tokio::time::timeout(CLOSE_GRACE, sessions_gone(gw)).await;
         }
         tracing::info!(event = "shutdown_complete", "all sessions closed; exiting");
         std::process::exit(0);

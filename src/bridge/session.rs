@@ -91,7 +91,7 @@ pub async fn serve(start: SessionStart) {
         owner,
         backend,
         role,
-        registration,
+        registration: _registration,
         control,
         settings,
         held,
@@ -182,9 +182,10 @@ pub async fn serve(start: SessionStart) {
     // and counted by the store; the local cache still holds the pin.
     let _ = Box::pin(env.router.refresh_pin(&sid, &pin)).await;
     // Slots first, then the log line: whoever acts on `session_ended` (a client reconnecting
-    // at once, a test) finds the user's and the backend's slots free.
+    // at once, a test) finds the user's and the backend's slots free. The registration goes
+    // last: the drain exits the process once the registry is empty, and must not cut this
+    // line off (CI saw `shutdown_complete` with no `session_ended` before it).
     drop(held);
-    drop(registration);
     tracing::info!(
         event = "session_ended",
         close_code = code.as_u16(),
