@@ -60,10 +60,9 @@ pub fn build_gateway(
     let verifier = Verifier::new(&config.auth)?;
     let (store, redis): (Arc<dyn SessionStore>, _) = match &config.store.kind {
         StoreKind::Memory => (Arc::new(MemoryStore::new()), None),
-        StoreKind::Redis { url } => {
-            let redis =
-                RedisStore::new(url.expose(), &config.store.key_prefix, Arc::clone(&metrics))
-                    .map_err(|e| StartError::Store(e.to_string()))?;
+        StoreKind::Redis { topology } => {
+            let redis = RedisStore::new(topology, &config.store.key_prefix, Arc::clone(&metrics))
+                .map_err(|e| StartError::Store(e.to_string()))?;
             (Arc::clone(&redis) as Arc<dyn SessionStore>, Some(redis))
         }
     };

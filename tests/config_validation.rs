@@ -9,7 +9,7 @@ use std::time::Duration;
 use rstest::rstest;
 use vncgate::config::{
     Algorithm, BackendAddr, BackendProtocol, Config, ConfigError, ConfigErrors, LogFormat,
-    OnExpiry, StoreKind,
+    OnExpiry, RedisTopology, StoreKind,
 };
 
 const SECRET: &str = "0123456789abcdef0123456789abcdef-test";
@@ -257,7 +257,9 @@ logging:
     assert_eq!(auth.on_expiry, OnExpiry::Keep);
 
     match &config.store.kind {
-        StoreKind::Redis { url } => assert_eq!(url.expose(), "rediss://:pw@redis.internal:6380/2"),
+        StoreKind::Redis {
+            topology: RedisTopology::Standalone { url },
+        } => assert_eq!(url.expose(), "rediss://:pw@redis.internal:6380/2"),
         other => panic!("expected redis, got {other:?}"),
     }
     assert_eq!(config.store.key_prefix, "vg:");
@@ -830,7 +832,9 @@ fn secrets_come_from_the_named_variables() {
     let admin = config.admin.expect("admin");
     assert_eq!(admin.token.as_ref().map(|t| t.expose()), Some("let-me-in"));
     match config.store.kind {
-        StoreKind::Redis { url } => assert_eq!(url.expose(), "redis://redis:6379/0"),
+        StoreKind::Redis {
+            topology: RedisTopology::Standalone { url },
+        } => assert_eq!(url.expose(), "redis://redis:6379/0"),
         other => panic!("expected redis, got {other:?}"),
     }
 }

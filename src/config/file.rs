@@ -83,15 +83,41 @@ pub(super) struct RawAuth {
 #[serde(expecting = "a mapping")]
 pub(super) struct RawStore {
     pub kind: Option<String>,
+    pub topology: Option<String>,
     pub redis_url_env: Option<String>,
+    pub sentinel: Option<RawSentinel>,
+    pub cluster: Option<RawCluster>,
     pub key_prefix: Option<String>,
     pub session_idle_ttl_seconds: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(expecting = "a mapping")]
+pub(super) struct RawSentinel {
+    pub master_name: Option<String>,
+    pub urls_env: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(expecting = "a mapping")]
+pub(super) struct RawCluster {
+    pub urls_env: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(expecting = "a mapping")]
+pub(super) struct RawDiscovery {
+    pub kind: Option<String>,
+    pub addr_template: Option<String>,
+    pub name_pattern: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(expecting = "a mapping")]
 pub(super) struct RawPool {
+    #[serde(default)]
     pub backends: Vec<RawBackend>,
+    pub discovery: Option<RawDiscovery>,
     pub failover: Option<bool>,
     pub health_check_interval_seconds: Option<u64>,
     pub health_check: Option<String>,
@@ -308,6 +334,9 @@ fn expected_fields(shape: &str) -> Option<&'static [&'static str]> {
         "admin" => fields_of::<RawAdmin>(),
         "auth" => fields_of::<RawAuth>(),
         "store" => fields_of::<RawStore>(),
+        "store.sentinel" => fields_of::<RawSentinel>(),
+        "store.cluster" => fields_of::<RawCluster>(),
+        "pools.*.discovery" => fields_of::<RawDiscovery>(),
         "pools.*" => fields_of::<RawPool>(),
         "pools.*.rfb" => fields_of::<RawRfb>(),
         "pools.*.rfb.tls" => fields_of::<RawRfbTls>(),

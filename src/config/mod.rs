@@ -113,10 +113,88 @@ pub struct AuthConfig {
     pub on_expiry: OnExpiry,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum StoreKind {
     Memory,
-    Redis { url: Secret },
+    Redis { topology: RedisTopology },
+}
+
+/// How the gateway finds the Redis that holds the shared state (contract §13).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RedisTopology {
+    /// One server (or a proxy in front of one), `store.redis_url_env`.
+    Standalone { url: Secret },
+    /// The master named `master_name`, as the sentinels at `urls` report it (asked again on
+    /// every reconnect, so a failover is followed).
+    Sentinel {
+        master_name: String,
+        urls: Vec<Secret>,
+    },
+    /// A Redis Cluster reached through these seed nodes.
+    Cluster { urls: Vec<Secret> },
+}
+
+impl RedisTopology {
+    /// The label of `vncgate_store_topology` and the `store.topology` value.
+    pub fn name(&self) -> &'static str {
+        match self {
+            RedisTopology::Standalone { .. } => "standalone",
+            RedisTopology::Sentinel { .. } => "sentinel",
+            RedisTopology::Cluster { .. } => "cluster",
+        }
+    }
+}
+
+/// Where a pool's backends come from (contract §13, `pools.*.discovery`).
+#[derive(Debug, Clone)]
+pub enum Discovery {
+    /// The `backends` list of the config file.
+    Static,
+    /// The token's `backend` claim (required) names the backend; it must match `name_pattern`
+    /// and fills `{backend}` in `addr_template`, resolved at upgrade time.
+    Dns {
+        addr_template: String,
+        name_pattern: NamePattern,
+    },
+    /// Backends added and removed through the admin API, kept in the store.
+    Registry { name_pattern: NamePattern },
+}
+
+impl Discovery {
+    pub fn is_dynamic(&self) -> bool {
+        !matches!(self, Discovery::Static)
+    }
+
+    pub fn name_pattern(&self) -> Option<&NamePattern> {
+        match self {
+            Discovery::Static => None,
+            Discovery::Dns { name_pattern, .. } | Discovery::Registry { name_pattern } => {
+                Some(name_pattern)
+            }
+        }
+    }
+}
+
+/// `name_pattern`, matched against the whole name: the configured text is anchored, so a
+/// pattern written as `[a-z]+` cannot be satisfied by a name with a `:` or `/` somewhere in it.
+#[derive(Debug, Clone)]
+pub struct NamePattern {
+    pub text: String,
+    regex: regex::Regex,
+}
+
+impl NamePattern {
+    pub fn new(text: &str) -> Result<NamePattern, regex::Error> {
+        let regex = regex::Regex::new(&format!("^(?:{text})$"))?;
+        Ok(NamePattern {
+            text: text.to_owned(),
+            regex,
+        })
+    }
+
+    pub fn matches(&self, name: &str) -> bool {
+        self.regex.is_match(name)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -137,6 +215,7 @@ pub struct PoolConfig {
     pub rfb: RfbConfig,
     /// The pool's clipboard ceiling; a token's `clipboard` claim narrows it.
     pub clipboard: Clipboard,
+    pub discovery: Discovery,
 }
 
 pub use crate::rfb::policy::Clipboard;

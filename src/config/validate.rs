@@ -10,15 +10,15 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::file::{
-    OrderedMap, RawAdmin, RawAuth, RawBackend, RawConfig, RawLimits, RawListener, RawLogging,
-    RawPool, RawServer, RawStore,
+    OrderedMap, RawAdmin, RawAuth, RawBackend, RawConfig, RawDiscovery, RawLimits, RawListener,
+    RawLogging, RawPool, RawServer, RawStore,
 };
 #[path = "validate_rfb.rs"]
 mod rfb;
 use super::{
     AdminConfig, Algorithm, AuthConfig, BackendAddr, BackendConfig, BackendProtocol, Config,
-    Limits, ListenerConfig, LogFormat, LoggingConfig, OnExpiry, PoolConfig, RfbCredentials, Secret,
-    ServerSettings, StoreConfig, StoreKind, TlsFiles,
+    Discovery, Limits, ListenerConfig, LogFormat, LoggingConfig, NamePattern, OnExpiry, PoolConfig,
+    RedisTopology, RfbCredentials, Secret, ServerSettings, StoreConfig, StoreKind, TlsFiles,
 };
 
 /// One problem in the config, tied to the key it concerns (empty when it concerns the whole file).
@@ -87,6 +87,9 @@ impl<'a> IntoIterator for &'a ConfigErrors {
 
 const DEFAULT_SECRET_ENV: &str = "VNCGATE_JWT_SECRET";
 const DEFAULT_REDIS_URL_ENV: &str = "VNCGATE_REDIS_URL";
+const DEFAULT_SENTINEL_MASTER: &str = "vncgate";
+const DEFAULT_SENTINEL_URLS_ENV: &str = "VNCGATE_SENTINEL_URLS";
+const DEFAULT_CLUSTER_URLS_ENV: &str = "VNCGATE_REDIS_CLUSTER_URLS";
 /// Below this an HS* key can be brute-forced offline from a single captured token.
 const MIN_SECRET_BYTES: usize = 32;
 const MAX_LEEWAY_SECONDS: u64 = 300;
@@ -481,10 +484,16 @@ fn is_origin(origin: &str) -> bool {
 }
 
 fn resolve_store(p: &mut Problems, raw: RawStore, env: Environment<'_>) -> StoreConfig {
-    #[derive(Clone, Copy)]
+    #[derive(Clone, Copy, PartialEq)]
     enum Kind {
         Memory,
         Redis,
+    }
+    #[derive(Clone, Copy, PartialEq)]
+    enum Topology {
+        Standalone,
+        Sentinel,
+        Cluster,
     }
     let kind = one_of(
         p,
@@ -493,30 +502,95 @@ fn resolve_store(p: &mut Problems, raw: RawStore, env: Environment<'_>) -> Store
         Kind::Memory,
         &[("memory", Kind::Memory), ("redis", Kind::Redis)],
     );
-    let kind = match kind {
-        Kind::Memory => StoreKind::Memory,
-        Kind::Redis => {
+    let topology = one_of(
+        p,
+        "store.topology",
+        raw.topology.clone(),
+        Topology::Standalone,
+        &[
+            ("standalone", Topology::Standalone),
+            ("sentinel", Topology::Sentinel),
+            ("cluster", Topology::Cluster),
+        ],
+    );
+    // Settings for a topology that is not in use are a mistake, not something to ignore: an
+    // operator who wrote `sentinel:` believes the gateway follows the sentinels.
+    let in_use = |t: Topology| kind == Kind::Redis && topology == t;
+    if raw.topology.is_some() && kind != Kind::Redis {
+        p.add("store.topology", "only allowed with kind redis");
+    }
+    if raw.sentinel.is_some() && !in_use(Topology::Sentinel) {
+        p.add(
+            "store.sentinel",
+            "only allowed with kind redis and topology sentinel",
+        );
+    }
+    if raw.cluster.is_some() && !in_use(Topology::Cluster) {
+        p.add(
+            "store.cluster",
+            "only allowed with kind redis and topology cluster",
+        );
+    }
+    if raw.redis_url_env.is_some() && kind == Kind::Redis && topology != Topology::Standalone {
+        p.add(
+            "store.redis_url_env",
+            "only allowed with topology standalone (sentinel and cluster name their own URLs)",
+        );
+    }
+    let prefix = raw.key_prefix.unwrap_or_else(|| "vncgate:".to_string());
+    if in_use(Topology::Cluster) && (prefix.contains('{') || prefix.contains('}')) {
+        // The gateway's keys carry hash tags of their own; a brace in the prefix would make
+        // Redis hash on the prefix instead and put every key in one slot (or split a script's
+        // keys over two).
+        p.add(
+            "store.key_prefix",
+            "must not contain { or } with topology cluster",
+        );
+    }
+    let kind = match (kind, topology) {
+        (Kind::Memory, _) => StoreKind::Memory,
+        (Kind::Redis, Topology::Standalone) => {
             let name = raw
                 .redis_url_env
                 .as_deref()
                 .unwrap_or(DEFAULT_REDIS_URL_ENV);
-            let url = read_env(p, env, "store.redis_url_env", name);
-            // The URL may carry a password, so the message names the variable, never its value.
-            let is_redis_url = |url: &Secret| {
-                ["redis://", "rediss://"]
-                    .iter()
-                    .any(|s| url.expose().starts_with(s))
-            };
-            if url.as_ref().is_some_and(|url| !is_redis_url(url)) {
-                p.add(
-                    "store.redis_url_env",
-                    format!("environment variable {name} must hold a redis:// or rediss:// URL"),
-                );
-            }
+            let url = redis_url(p, env, "store.redis_url_env", name);
             // The placeholder only stands in when the config is dropped: an error was recorded, or
             // in lint mode, where the variable is not read.
             StoreKind::Redis {
-                url: url.unwrap_or_else(|| Secret::new("")),
+                topology: RedisTopology::Standalone {
+                    url: url.unwrap_or_else(|| Secret::new("")),
+                },
+            }
+        }
+        (Kind::Redis, Topology::Sentinel) => {
+            let sentinel = raw.sentinel.unwrap_or_default();
+            let master_name = sentinel
+                .master_name
+                .unwrap_or_else(|| DEFAULT_SENTINEL_MASTER.to_string());
+            if master_name.is_empty() || master_name.chars().any(char::is_whitespace) {
+                p.add(
+                    "store.sentinel.master_name",
+                    "must be a non-empty name without spaces",
+                );
+            }
+            let name = sentinel
+                .urls_env
+                .unwrap_or_else(|| DEFAULT_SENTINEL_URLS_ENV.to_string());
+            let urls = redis_urls(p, env, "store.sentinel.urls_env", &name);
+            StoreKind::Redis {
+                topology: RedisTopology::Sentinel { master_name, urls },
+            }
+        }
+        (Kind::Redis, Topology::Cluster) => {
+            let name = raw
+                .cluster
+                .unwrap_or_default()
+                .urls_env
+                .unwrap_or_else(|| DEFAULT_CLUSTER_URLS_ENV.to_string());
+            let urls = redis_urls(p, env, "store.cluster.urls_env", &name);
+            StoreKind::Redis {
+                topology: RedisTopology::Cluster { urls },
             }
         }
     };
@@ -529,7 +603,7 @@ fn resolve_store(p: &mut Problems, raw: RawStore, env: Environment<'_>) -> Store
     );
     StoreConfig {
         kind,
-        key_prefix: raw.key_prefix.unwrap_or_else(|| "vncgate:".to_string()),
+        key_prefix: prefix,
         session_idle_ttl: Duration::from_secs(ttl),
     }
 }
@@ -569,7 +643,24 @@ fn resolve_pool(p: &mut Problems, env: Environment<'_>, key: &str, raw: RawPool)
     let (rfb, pool_credentials) = rfb::resolve_rfb(p, env, key, raw.rfb);
     let (clipboard, health_check) =
         rfb::resolve_policy(p, key, rfb.mode, raw.clipboard, raw.health_check);
-    if raw.backends.is_empty() {
+    let discovery = resolve_discovery(p, key, raw.discovery);
+    if discovery.is_dynamic() {
+        // Dynamic backends come and go (a sandbox per session): nobody checks them actively, a
+        // failed connect is the answer (502, pin released). Asking for checks on such a pool
+        // asks for something the gateway will not do.
+        if raw.health_check_interval_seconds.is_some() {
+            p.add(
+                format!("{key}.health_check_interval_seconds"),
+                "not allowed with discovery dns or registry (dynamic backends are not checked)",
+            );
+        }
+        if !raw.backends.is_empty() {
+            p.add(
+                format!("{key}.backends"),
+                "not allowed with discovery dns or registry (the backends come from the token or the admin API)",
+            );
+        }
+    } else if raw.backends.is_empty() {
         p.add(
             format!("{key}.backends"),
             "at least one backend is required",
@@ -611,10 +702,88 @@ fn resolve_pool(p: &mut Problems, env: Environment<'_>, key: &str, raw: RawPool)
     PoolConfig {
         backends,
         failover: raw.failover.unwrap_or(false),
-        health_check_interval: (interval > 0).then(|| Duration::from_secs(interval)),
+        health_check_interval: (interval > 0 && !discovery.is_dynamic())
+            .then(|| Duration::from_secs(interval)),
+        discovery,
         health_check,
         rfb,
         clipboard,
+    }
+}
+
+/// A DNS label: what a pod, VM or sandbox name usually is.
+const DEFAULT_NAME_PATTERN: &str = "[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?";
+
+fn resolve_discovery(p: &mut Problems, key: &str, raw: Option<RawDiscovery>) -> Discovery {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Kind {
+        Static,
+        Dns,
+        Registry,
+    }
+    let raw = raw.unwrap_or_default();
+    let kind = one_of(
+        p,
+        &format!("{key}.discovery.kind"),
+        raw.kind,
+        Kind::Static,
+        &[
+            ("static", Kind::Static),
+            ("dns", Kind::Dns),
+            ("registry", Kind::Registry),
+        ],
+    );
+    if kind == Kind::Static {
+        for (field, set) in [
+            ("addr_template", raw.addr_template.is_some()),
+            ("name_pattern", raw.name_pattern.is_some()),
+        ] {
+            if set {
+                p.add(
+                    format!("{key}.discovery.{field}"),
+                    "only allowed with discovery kind dns or registry",
+                );
+            }
+        }
+        return Discovery::Static;
+    }
+    let pattern_text = raw
+        .name_pattern
+        .unwrap_or_else(|| DEFAULT_NAME_PATTERN.to_string());
+    let name_pattern = match NamePattern::new(&pattern_text) {
+        Ok(pattern) => pattern,
+        Err(e) => {
+            p.add(
+                format!("{key}.discovery.name_pattern"),
+                format!("not a valid regular expression: {e}"),
+            );
+            NamePattern::new(DEFAULT_NAME_PATTERN).unwrap_or_else(|_| unreachable!())
+        }
+    };
+    if kind == Kind::Registry {
+        if raw.addr_template.is_some() {
+            p.add(
+                format!("{key}.discovery.addr_template"),
+                "only allowed with discovery kind dns (registry backends carry their address)",
+            );
+        }
+        return Discovery::Registry { name_pattern };
+    }
+    let addr_template = raw.addr_template.unwrap_or_default();
+    let template_key = format!("{key}.discovery.addr_template");
+    if addr_template.is_empty() {
+        p.add(&template_key, "required with discovery kind dns");
+    } else if addr_template.matches("{backend}").count() != 1 {
+        p.add(&template_key, "must contain {backend} exactly once");
+    } else if backend_addr(&addr_template.replace("{backend}", "x")).is_none() {
+        p.add(
+            &template_key,
+            format!("{addr_template:?} does not make a host:port address"),
+        );
+    }
+    Discovery::Dns {
+        addr_template,
+        name_pattern,
     }
 }
 
@@ -868,6 +1037,47 @@ fn resolve_logging(p: &mut Problems, raw: RawLogging) -> LoggingConfig {
         );
     }
     LoggingConfig { format, level }
+}
+
+/// One `redis://` or `rediss://` URL from the variable `name`. The URL may carry a password, so
+/// messages name the variable, never its value.
+fn redis_url(p: &mut Problems, env: Environment<'_>, key: &str, name: &str) -> Option<Secret> {
+    let url = read_env(p, env, key, name)?;
+    if !is_redis_url(url.expose()) {
+        p.add(
+            key,
+            format!("environment variable {name} must hold a redis:// or rediss:// URL"),
+        );
+        return None;
+    }
+    Some(url)
+}
+
+/// A comma-separated list of `redis://` URLs (sentinels, cluster seed nodes) from `name`.
+fn redis_urls(p: &mut Problems, env: Environment<'_>, key: &str, name: &str) -> Vec<Secret> {
+    let Some(list) = read_env(p, env, key, name) else {
+        return Vec::new();
+    };
+    let urls: Vec<Secret> = list
+        .expose()
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(Secret::new)
+        .collect();
+    if urls.is_empty() || urls.iter().any(|u| !is_redis_url(u.expose())) {
+        p.add(
+            key,
+            format!(
+                "environment variable {name} must hold comma-separated redis:// or rediss:// URLs"
+            ),
+        );
+    }
+    urls
+}
+
+fn is_redis_url(url: &str) -> bool {
+    ["redis://", "rediss://"].iter().any(|s| url.starts_with(s))
 }
 
 // ---- shared checks -------------------------------------------------------------------------

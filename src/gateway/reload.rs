@@ -99,16 +99,7 @@ fn restart_only_changes(old: &Config, new: &Config) -> Ignored {
         ignored.push("admin.addr");
     }
     let st = (&old.store, &new.store);
-    let same_kind = matches!(
-        (&st.0.kind, &st.1.kind),
-        (
-            crate::config::StoreKind::Memory,
-            crate::config::StoreKind::Memory
-        )
-    ) || matches!(
-        (&st.0.kind, &st.1.kind),
-        (crate::config::StoreKind::Redis { url: a }, crate::config::StoreKind::Redis { url: b }) if a == b
-    );
+    let same_kind = st.0.kind == st.1.kind;
     if !same_kind
         || st.0.key_prefix != st.1.key_prefix
         || st.0.session_idle_ttl != st.1.session_idle_ttl

@@ -27,6 +27,7 @@ use redis::io::tcp::socket2::TcpKeepalive;
 use tokio::sync::{Notify, watch};
 
 use super::store::{Pin, SessionStore, StoreError};
+use crate::config::RedisTopology;
 use crate::metrics::Metrics;
 
 pub use supervise::Replica;
@@ -108,11 +109,18 @@ impl RedisStore {
     /// connection's tasks will live on. Until then the store counts as down (served degraded),
     /// and an unreachable Redis at start is not fatal either.
     pub fn new(
-        url: &str,
+        topology: &RedisTopology,
         prefix: &str,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<RedisStore>, StoreError> {
+        let RedisTopology::Standalone { url } = topology else {
+            return Err(StoreError::Unreachable(format!(
+                "topology {} is not supported yet",
+                topology.name()
+            )));
+        };
         let info = url
+            .expose()
             .into_connection_info()
             .map_err(|e| StoreError::Unreachable(e.to_string()))?;
         let keepalive = TcpKeepalive::new()
