@@ -37,6 +37,9 @@ pub enum ControlEvent {
         user: Option<String>,
         view_only: bool,
     },
+    /// A backend was drained, undrained, registered or removed: sync with the board now
+    /// rather than at the next tick.
+    BackendsChanged,
 }
 
 /// Apply an event to this replica's sessions; returns how many connections it reached.
@@ -60,6 +63,10 @@ pub async fn apply(gw: &Gateway, event: &ControlEvent) -> usize {
         } => gw.sessions.set_view_only(*view_only, |s| {
             s.session_id == *session_id && user.as_ref().is_none_or(|u| *u == s.user_id)
         }),
+        ControlEvent::BackendsChanged => {
+            gw.router.directory().poke();
+            0
+        }
     }
 }
 

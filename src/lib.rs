@@ -12,7 +12,9 @@
 //!   valid (signature with a configured algorithm, `exp`/`nbf`/`iss`/`aud`), plus the claims.
 //! - [`admission`]: global and per-user session limits, taken before any backend work.
 //! - [`routing`]: which backend a session goes to: the [`routing::SessionStore`] pin (claim or
-//!   reuse), owner binding, least-loaded placement, backend health.
+//!   reuse), owner binding, least-loaded placement over every replica's sessions, backend health,
+//!   and the backends found at run time (registered through the admin API, or named by the token
+//!   and looked up in DNS).
 //! - [`bridge`]: after the 101, the only code that touches payload bytes: WebSocket <-> TCP (or
 //!   WebSocket pass-through), bounded buffers, ping/pong, close codes.
 //! - [`sessions`]: the registry of live sessions and their control handles, so drain, kick,

@@ -101,6 +101,11 @@ pub struct Metrics {
     pub backend_auth_failures_total: IntCounterVec,
     /// The accept path's own series (pre-auth connections, refused connections).
     pub edge: crate::gateway::pre_auth::EdgeMetrics,
+    /// Dynamic backends and the cluster-wide view (registry size, cluster session counts).
+    pub directory: crate::routing::directory::DirectoryMetrics,
+    /// Not in the contract's table (additions): `vncgate_store_topology`,
+    /// `vncgate_store_master_up`, `vncgate_store_nodes_reachable` (store.topology, §13).
+    pub store_topology: crate::routing::redis::topology::TopologyMetrics,
 }
 
 fn hist(name: &str, help: &str, buckets: &[f64]) -> HistogramOpts {
@@ -126,6 +131,8 @@ impl Metrics {
     pub fn new(config: &Config) -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
         let edge = crate::gateway::pre_auth::EdgeMetrics::register(&registry)?;
+        let directory = crate::routing::directory::DirectoryMetrics::register(&registry)?;
+        directory.init(config);
         let message_buffer_bytes = IntGauge::new(
             "vncgate_message_buffer_bytes",
             "Bytes of unfinished client messages held beyond one read chunk per session.",
@@ -145,7 +152,11 @@ impl Metrics {
             message_budget_exhausted_total.clone(),
         ));
         let m = Metrics {
+            store_topology: crate::routing::redis::topology::TopologyMetrics::register(
+                &registry, config,
+            )?,
             edge,
+            directory,
             message_buffer_bytes,
             message_buffer_budget_bytes,
             message_budget_exhausted_total,

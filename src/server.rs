@@ -23,10 +23,14 @@ use crate::gateway::tls::CertSlot;
 use crate::gateway::{App, Gateway};
 use crate::metrics::Metrics;
 use crate::readiness;
+use crate::routing::board::{BackendBoard, LocalBoard};
+use crate::routing::directory::Directory;
 use crate::routing::redis::RedisStore;
+use crate::routing::resolve::Resolver;
 use crate::routing::{Health, MemoryStore, Router, SessionStore};
 use crate::services::{
-    Announcer, CLOSE_GRACE, Drain, HealthChecks, JwksRefresh, MemoryTrim, Reloader, StoreSupervisor,
+    Announcer, BoardSync, CLOSE_GRACE, Drain, HealthChecks, JwksRefresh, MemoryTrim, Reloader,
+    StoreSupervisor,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -39,7 +43,7 @@ pub enum StartError {
     Tls { message: String },
     #[error("{0}")]
     Certificate(#[from] crate::gateway::tls::TlsError),
-    #[error("store.redis_url_env: {0}")]
+    #[error("store: {0}")]
     Store(String),
 }
 
@@ -86,11 +90,19 @@ pub fn build_gateway(
         limits.max_sessions_per_user,
         limits.auth_failures_per_minute,
     );
+    let board: Arc<dyn BackendBoard> = match &redis {
+        Some(redis) => Arc::clone(redis) as Arc<dyn BackendBoard>,
+        None => Arc::new(LocalBoard::default()),
+    };
+    let directory = Arc::new(Directory::new(board, Arc::clone(&metrics)));
+    let resolver = Resolver::new(metrics.directory.discovery_lookups_total.clone());
     let router = Router::new(
         store,
         redis.is_some(),
         health,
         config.store.session_idle_ttl,
+        directory,
+        resolver,
     );
     let gw = Arc::new(Gateway::new(
         config, verifier, admission, router, metrics, tls,
@@ -179,6 +191,10 @@ pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     server.add_service(background_service(
         "health-checks",
         HealthChecks(Arc::clone(&gw)),
+    ));
+    server.add_service(background_service(
+        "backend-board",
+        BoardSync(Arc::clone(&gw)),
     ));
     server.add_service(background_service(
         "jwks-refresh",

@@ -47,6 +47,22 @@ impl BackgroundService for HealthChecks {
     }
 }
 
+/// The backend board's sync loop (cluster-wide drain marks, registry, session counts). It
+/// keeps running through a drain: the replica's sessions still count until they end, and its
+/// counts expire on their own once the process is gone.
+pub struct BoardSync(pub Arc<Gateway>);
+
+#[async_trait]
+impl BackgroundService for BoardSync {
+    async fn start(&self, _shutdown: ShutdownWatch) {
+        let gw = &self.0;
+        gw.router
+            .directory()
+            .run(|| (gw.config(), gw.router.health()))
+            .await;
+    }
+}
+
 pub struct JwksRefresh(pub Arc<Gateway>);
 
 #[async_trait]
@@ -146,6 +162,8 @@ impl Replica for GatewayReplica {
     }
 
     async fn catch_up(&self) -> Result<(), StoreError> {
+        // Drain marks and registrations missed while not listening: the board has them.
+        self.0.router.directory().poke();
         control::catch_up(&self.0).await.map(|_| ())
     }
 }
@@ -327,6 +345,13 @@ impl BackgroundService for Drain {
             );
             let _ = tokio::time::timeout(CLOSE_GRACE, sessions_gone(gw)).await;
         }
+        // Other replicas stop counting this one's sessions now rather than when they expire.
+        let directory = gw.router.directory();
+        let _ = tokio::time::timeout(
+            Duration::from_millis(500),
+            directory.board().leave(directory.replica()),
+        )
+        .await;
         tracing::info!(event = "shutdown_complete", "all sessions closed; exiting");
         std::process::exit(0);
     }

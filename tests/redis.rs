@@ -2,35 +2,49 @@
 //! replicas share pins, agree on first placement under concurrency, bind sessions to their
 //! owner, carry kicks and revocations to each other, and survive Redis being killed: live
 //! sessions untouched, new ones placed by rendezvous, pins written back when Redis returns.
+//!
+//! The sharing tests (sticky, owner/kick/revoke, concurrent first connections) run unchanged
+//! against a standalone Redis and a Redis Cluster (3 masters, 3 replicas): keys of different
+//! sessions land in different slots there, on different masters.
 
 mod common;
 
 use std::collections::HashSet;
 
 use common::redis_server::RedisServer;
+use common::redis_topology::{TestStore, Topo};
 use common::rfb_client::{self, WsConnect};
 use common::rfb_server::RfbServer;
-use common::{BackendSpec, Gateway, GatewayConfig, desks, now, open_session as open};
+use common::{BackendSpec, Gateway, GatewayConfig, StoreSpec, desks, now, open_session as open};
 use futures_util::future::join_all;
 use redis::AsyncCommands;
+use rstest::rstest;
 use serde_json::json;
 
 fn config(desks: &[RfbServer], redis: &RedisServer) -> GatewayConfig {
+    config_for(desks, &StoreSpec::Standalone(redis.url()))
+}
+
+fn config_for(desks: &[RfbServer], store: &StoreSpec) -> GatewayConfig {
     let backends = desks
         .iter()
         .enumerate()
         .map(|(i, d)| BackendSpec::rfb(&format!("d{i}"), d.addr))
         .collect();
     let mut cfg = GatewayConfig::new(backends);
-    cfg.redis_url = Some(redis.url());
+    cfg.store = Some(store.clone());
     cfg.extra = "limits:\n  max_sessions_per_user: 100\n".into();
     cfg
 }
 
 async fn replicas(desks: &[RfbServer], redis: &RedisServer) -> (Gateway, Gateway) {
+    replicas_on(desks, &StoreSpec::Standalone(redis.url())).await
+}
+
+async fn replicas_on(desks: &[RfbServer], store: &StoreSpec) -> (Gateway, Gateway) {
     let (a, b) = tokio::join!(
-        Gateway::start(config(desks, redis)),
-        Gateway::start(config(desks, redis))
+        Gateway::start(config_for(desks, store)),
+        Gateway::start(config_for(desks, store))
     );
     (a, b)
 }
@@ -49,11 +63,23 @@ async fn refusal(gw: &Gateway, token: &str) -> (u16, String) {
     rfb_client::error_code(&err).expect("http refusal")
 }
 
+#[rstest]
+#[case::standalone(Topo::Standalone)]
+#[case::cluster(Topo::Cluster)]
 #[tokio::test]
-async fn sessions_reach_the_same_backend_on_either_replica() {
-    let redis = RedisServer::start().await.expect("redis");
+async fn sessions_reach_the_same_backend_on_either_replica(#[case] topo: Topo) {
+    let redis = TestStore::start(topo).await.expect("redis");
     let desks = desks(3).await;
-    let (a, b) = replicas(&desks, &redis).await;
+    let (a, b) = replicas_on(&desks, &redis.spec()).await;
+    let name = match topo {
+        Topo::Standalone => "standalone",
+        Topo::Cluster => "cluster",
+    };
+    for gw in [&a, &b] {
+        let series = format!("vncgate_store_topology{{topology=\"{name}\"}}");
+        assert_eq!(gw.metric(&series).await, 1.0);
+        assert_eq!(gw.metric("vncgate_store_master_up").await, 1.0);
+    }
     let mut placed = Vec::new();
     for i in 0..20 {
         let live = open(&a, &jwt(&format!("u{i}"), &format!("s{i}"), None)).await;
@@ -89,11 +115,14 @@ async fn sessions_reach_the_same_backend_on_either_replica() {
     );
 }
 
+#[rstest]
+#[case::standalone(Topo::Standalone)]
+#[case::cluster(Topo::Cluster)]
 #[tokio::test]
-async fn concurrent_first_connections_for_one_sid_agree_on_one_backend() {
-    let redis = RedisServer::start().await.expect("redis");
+async fn concurrent_first_connections_for_one_sid_agree_on_one_backend(#[case] topo: Topo) {
+    let redis = TestStore::start(topo).await.expect("redis");
     let desks = desks(3).await;
-    let (a, b) = replicas(&desks, &redis).await;
+    let (a, b) = replicas_on(&desks, &redis.spec()).await;
     let token = jwt("alice", "contended", None);
     let attempts = (0..50).map(|i| {
         let gw = if i % 2 == 0 { &a } else { &b };
@@ -108,11 +137,14 @@ async fn concurrent_first_connections_for_one_sid_agree_on_one_backend() {
     assert_eq!(names.len(), 1, "one sid, several desktops: {names:?}");
 }
 
+#[rstest]
+#[case::standalone(Topo::Standalone)]
+#[case::cluster(Topo::Cluster)]
 #[tokio::test]
-async fn owner_binding_kick_and_revoke_work_across_replicas() {
-    let redis = RedisServer::start().await.expect("redis");
+async fn owner_binding_kick_and_revoke_work_across_replicas(#[case] topo: Topo) {
+    let redis = TestStore::start(topo).await.expect("redis");
     let desks = desks(2).await;
-    let (a, b) = replicas(&desks, &redis).await;
+    let (a, b) = replicas_on(&desks, &redis.spec()).await;
 
     let mut alice = open(&a, &jwt("alice", "shared", Some("jti-alice"))).await;
     assert_eq!(
@@ -316,4 +348,26 @@ async fn input_mode_switch_reaches_a_connection_on_the_other_replica() {
         ),
         (Some("bob"), Some("view"), Some("interactive"))
     );
+}
+
+/// The embedded store reports itself as one master that always answers, so dashboards need no
+/// special case for it.
+#[tokio::test]
+async fn the_memory_store_reports_its_topology() {
+    let desks = desks(1).await;
+    let gw = Gateway::start(GatewayConfig::new(vec![BackendSpec::rfb(
+        "d0",
+        desks[0].addr,
+    )]))
+    .await;
+    assert_eq!(
+        gw.metric("vncgate_store_topology{topology=\"memory\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(gw.metric("vncgate_store_master_up").await, 1.0);
+    for (role, n) in [("master", 1.0), ("replica", 0.0), ("sentinel", 0.0)] {
+        let series = format!("vncgate_store_nodes_reachable{{role=\"{role}\"}}");
+        assert_eq!(gw.metric(&series).await, n, "{series}");
+    }
 }

@@ -17,11 +17,13 @@ pub struct ReportArgs {
     pub check: bool,
 }
 
-const PATHS: [&str; 5] = [
+const PATHS: [&str; 7] = [
     "direct",
     "vncgate",
     "vncgate-terminate",
     "vncgate-redis",
+    "vncgate-sentinel",
+    "vncgate-cluster",
     "websockify",
 ];
 

@@ -1,8 +1,9 @@
 //! What a verified token may do here: the Origin allowlist, the `sid` format, the pool, and the
-//! backend name. A token can name a backend only by its configured name, never by address.
+//! backend name. A token can name a backend only by its configured name (or, in a pool whose
+//! backends are dynamic, by a name matching the pool's `name_pattern`), never by address.
 
 use super::{AuthError, Claims};
-use crate::config::{Config, RfbMode};
+use crate::config::{Config, Discovery, RfbMode};
 use crate::rfb::policy::Clipboard;
 
 /// Exact match against `auth.allowed_origins`; an empty list allows any Origin (warned at start).
@@ -34,10 +35,17 @@ pub fn authorize(claims: &Claims, config: &Config) -> Result<(), AuthError> {
     let pool = config
         .pool(claims.pool_name())
         .ok_or(AuthError::PoolUnknown)?;
-    if let Some(name) = &claims.backend
-        && !pool.backends.iter().any(|b| &b.name == name)
-    {
-        return Err(AuthError::BackendNotAllowed);
+    let named_ok = |name: &str| match pool.discovery.name_pattern() {
+        // Dynamic backends: the pool's pattern, on top of the name rules every backend name
+        // follows (it becomes part of a host name and of store keys).
+        Some(pattern) => crate::config::is_valid_name(name) && pattern.matches(name),
+        None => pool.backends.iter().any(|b| b.name == name),
+    };
+    match (&claims.backend, &pool.discovery) {
+        (Some(name), _) if !named_ok(name) => return Err(AuthError::BackendNotAllowed),
+        // A dns pool's backend is the one the token names: without a name there is none.
+        (None, Discovery::Dns { .. }) => return Err(AuthError::BackendNotAllowed),
+        _ => {}
     }
     // Fail closed: a transparent pool relays the browser's input untouched, so a token that
     // limits input or the clipboard would be a promise the gateway cannot keep.

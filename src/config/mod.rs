@@ -16,6 +16,10 @@ use std::time::Duration;
 
 pub use jsonwebtoken::Algorithm;
 use validate::Environment;
+/// `host:port` as the config accepts it (a DNS name, an IPv4 address, or `[IPv6]`).
+pub(crate) use validate::backend_addr as parse_backend_addr;
+/// A pool or backend name as the config accepts it (`[A-Za-z0-9._-]{1,64}`).
+pub(crate) use validate::is_valid_name;
 pub use validate::{ConfigError, ConfigErrors};
 
 /// A secret read from the environment. Its `Debug` never shows the value, so a config dump in a
@@ -161,6 +165,15 @@ pub enum Discovery {
 }
 
 impl Discovery {
+    /// The `discovery.kind` value.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Discovery::Static => "static",
+            Discovery::Dns { .. } => "dns",
+            Discovery::Registry { .. } => "registry",
+        }
+    }
+
     pub fn is_dynamic(&self) -> bool {
         !matches!(self, Discovery::Static)
     }
@@ -216,6 +229,9 @@ pub struct PoolConfig {
     /// The pool's clipboard ceiling; a token's `clipboard` claim narrows it.
     pub clipboard: Clipboard,
     pub discovery: Discovery,
+    /// The pool's own credentials (`rfb.password_env`, `rfb.username_env`): what dynamic
+    /// backends, which have no entry of their own, are logged in with.
+    pub credentials: RfbCredentials,
 }
 
 pub use crate::rfb::policy::Clipboard;

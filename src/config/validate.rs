@@ -705,6 +705,7 @@ fn resolve_pool(p: &mut Problems, env: Environment<'_>, key: &str, raw: RawPool)
         health_check_interval: (interval > 0 && !discovery.is_dynamic())
             .then(|| Duration::from_secs(interval)),
         discovery,
+        credentials: pool_credentials,
         health_check,
         rfb,
         clipboard,
@@ -849,7 +850,7 @@ fn resolve_backend(
     })
 }
 
-fn is_valid_name(name: &str) -> bool {
+pub(crate) fn is_valid_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
         && name
             .bytes()
@@ -858,7 +859,7 @@ fn is_valid_name(name: &str) -> bool {
 
 /// `host:port` where host is an IPv4 address, a bracketed IPv6 address or a DNS name. Names are
 /// kept unresolved so the bridge follows DNS changes at connect time.
-fn backend_addr(text: &str) -> Option<BackendAddr> {
+pub(crate) fn backend_addr(text: &str) -> Option<BackendAddr> {
     let (host, port) = text.rsplit_once(':')?;
     // `u16::from_str` would also take `+80`; a port is digits only.
     if !port.bytes().all(|b| b.is_ascii_digit()) {

@@ -21,7 +21,7 @@ use crate::control::{self, ControlEvent};
 
 pub struct AdminApp(pub Arc<Gateway>);
 
-fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Vec<u8>> {
+pub(super) fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Vec<u8>> {
     let body = body.to_string().into_bytes();
     Response::builder()
         .status(status)
@@ -33,7 +33,7 @@ fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Vec<u8
 }
 
 /// A refusal from the one table both listeners use.
-fn error(code: ErrorCode, message: &str) -> Response<Vec<u8>> {
+pub(super) fn error(code: ErrorCode, message: &str) -> Response<Vec<u8>> {
     json_response(
         code.status(),
         json!({ "error": code.as_str(), "message": message }),
@@ -53,7 +53,12 @@ impl AdminApp {
         let draining = gw.shutting_down.load(std::sync::atomic::Ordering::SeqCst);
         let jwks = gw.verifier().jwks().map(|j| j.status());
         let jwks_loading = jwks == Some(crate::auth::jwks::Status::Loading);
-        let code = if draining || healthy == 0 || jwks_loading {
+        // A pool of dynamic backends (sandboxes registered or named at run time) has none
+        // until the first one starts, and they are not checked: that is no reason to take
+        // the replica out of the load balancer.
+        let dynamic = gw.config().pools.values().any(|p| p.discovery.is_dynamic());
+        let no_backend = healthy == 0 && !dynamic;
+        let code = if draining || no_backend || jwks_loading {
             StatusCode::SERVICE_UNAVAILABLE
         } else {
             StatusCode::OK
@@ -121,7 +126,7 @@ impl AdminApp {
 /// megabytes into memory.
 const MAX_ADMIN_BODY: usize = 64 * 1024;
 
-async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, Response<Vec<u8>>> {
+pub(super) async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, Response<Vec<u8>>> {
     let mut body = Vec::new();
     loop {
         match session.read_request_body().await {
@@ -170,52 +175,6 @@ struct RevokeRequest {
 }
 
 impl AdminApp {
-    /// `GET /admin/backends`: health and live sessions per backend, sorted by pool and name.
-    fn backends(&self) -> Response<Vec<u8>> {
-        let health = self.0.router.health();
-        let mut list: Vec<_> = health.all().collect();
-        list.sort_by(|a, b| (&a.pool, &a.name).cmp(&(&b.pool, &b.name)));
-        let list: Vec<_> = list
-            .into_iter()
-            .map(|b| {
-                json!({
-                    "pool": b.pool,
-                    "name": b.name,
-                    "addr": b.addr.to_string(),
-                    "up": b.is_up(),
-                    "draining": b.is_draining(),
-                    "sessions": b.sessions(),
-                })
-            })
-            .collect();
-        json_response(StatusCode::OK, json!({ "backends": list }))
-    }
-
-    /// `POST /admin/backends/{name}/drain` (and `DELETE` to undo): no new pins to the backend
-    /// while its sessions continue. The name is matched in every pool. Like every runtime
-    /// switch it is per replica and lasts until restart; call it on each replica.
-    fn drain(&self, name: &str, draining: bool) -> Response<Vec<u8>> {
-        let health = self.0.router.health();
-        let matched: Vec<_> = health.all().filter(|b| b.name == name).collect();
-        if matched.is_empty() {
-            return error(ErrorCode::NotFound, "no backend with that name");
-        }
-        for b in &matched {
-            b.set_draining(draining);
-        }
-        let pools: Vec<&str> = matched.iter().map(|b| b.pool.as_str()).collect();
-        tracing::info!(
-            event = "backend_drain",
-            backend = name,
-            draining,
-            "backend {name} draining={draining}"
-        );
-        json_response(
-            StatusCode::OK,
-            json!({ "backend": name, "pools": pools, "draining": draining }),
-        )
-    }
-
     /// `DELETE /admin/sessions/{sid}`: close every connection of the session with 4003, on
     /// every replica; answered by [`outcome_response`]. 404 when the session is neither live
     /// here nor pinned in the store.
@@ -423,6 +382,13 @@ impl AdminApp {
                     .strip_prefix("/admin/sessions/")
                     .and_then(|rest| rest.strip_suffix("/input"))
                     .filter(|sid| !sid.is_empty());
+                // `/admin/pools/{pool}/backends/{name}`: names never contain `/`.
+                let pool_backend = p
+                    .strip_prefix("/admin/pools/")
+                    .and_then(|rest| rest.split_once("/backends/"))
+                    .filter(|(pool, name)| {
+                        !pool.is_empty() && !name.is_empty() && !name.contains('/')
+                    });
                 let kicked = p
                     .strip_prefix("/admin/sessions/")
                     .filter(|sid| !sid.is_empty());
@@ -430,10 +396,21 @@ impl AdminApp {
                     ("GET", "/admin/sessions") => self.sessions(),
                     ("GET", "/admin/backends") => self.backends(),
                     ("POST", _) if backend_drain.is_some() => {
-                        self.drain(backend_drain.unwrap_or_default(), true)
+                        self.drain(backend_drain.unwrap_or_default(), true).await
                     }
                     ("DELETE", _) if backend_drain.is_some() => {
-                        self.drain(backend_drain.unwrap_or_default(), false)
+                        self.drain(backend_drain.unwrap_or_default(), false).await
+                    }
+                    ("PUT", _) if pool_backend.is_some() => {
+                        let (pool, name) = pool_backend.unwrap_or_default();
+                        match read_body(session).await {
+                            Ok(body) => self.register(pool, name, &body).await,
+                            Err(resp) => resp,
+                        }
+                    }
+                    ("DELETE", _) if pool_backend.is_some() => {
+                        let (pool, name) = pool_backend.unwrap_or_default();
+                        self.deregister(pool, name).await
                     }
                     ("PUT", _) if session_input.is_some() => {
                         let sid = session_input.unwrap_or_default().to_owned();

@@ -8,6 +8,7 @@
 //! - [`admin`] is the separate admin listener (`/healthz`, `/readyz`, `/metrics`, `/admin/*`).
 
 pub mod admin;
+mod admin_backends;
 pub mod admin_listener;
 pub mod connection;
 pub mod handshake;

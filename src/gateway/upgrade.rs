@@ -54,7 +54,7 @@ struct Admitted {
 /// Slots held for the session's whole life; dropping them frees the slots.
 struct Held {
     _ticket: Ticket,
-    _backend_session: BackendSessionGuard,
+    _backend_session: Arc<BackendSessionGuard>,
 }
 
 pub async fn handle(
@@ -274,7 +274,7 @@ async fn admit(
         },
         terminate && claims.starts_view_only(),
     );
-    let placement = gw.router.place(&config, &claims).await?;
+    let mut placement = gw.router.place(&config, &claims).await?;
     span.record("backend", placement.backend.name.as_str());
     let role = match claims.share {
         // Joining one's own session is not a share: the owner stays the owner.
@@ -287,16 +287,18 @@ async fn admit(
         info.backend = placement.backend.name.clone();
         info.role = role;
     });
+    // Counted from the placement on, not from the connect: the least-loaded choice of the next
+    // session (here, or on another replica through the board) must see this one.
+    let backend_session = gw.router.count_session(&mut placement).await;
     let backend = match connect_backend(gw, &config, &placement).await {
         Ok(backend) => backend,
         Err(refusal) => {
             gw.router
-                .release_created(claims.session_id(), &placement)
+                .release_failed(&config, claims.session_id(), &placement)
                 .await;
             return Err(refusal);
         }
     };
-    let backend_session = placement.state.session_started();
     Ok(Admitted {
         claims,
         handshake,
@@ -340,7 +342,17 @@ async fn connect_backend(
         RfbMode::Transparent => None,
     };
     let connect_started = Instant::now();
-    let tcp = match connect_tcp(&placement.backend).await {
+    let resolved = match gw.router.connect_addr(config, placement).await {
+        Ok(resolved) => resolved,
+        Err(e) => {
+            tracing::warn!(event = "backend_connect_failed", error = %e, "backend address lookup failed");
+            return Err(Refusal::new(
+                ErrorCode::BackendConnectFailed,
+                "could not connect to the backend",
+            ));
+        }
+    };
+    let tcp = match connect_tcp(&placement.backend, resolved).await {
         Ok(tcp) => tcp,
         Err(e) => {
             gw.router
@@ -391,19 +403,17 @@ async fn connect_backend(
                 .observe(started.elapsed().as_secs_f64());
             Ok(Backend::Rfb(done))
         }
-        Err(e) => Err(handshake_refusal(gw, placement, e)),
+        Err(e) => Err(handshake_refusal(placement, e)),
     }
 }
 
 /// A failed backend handshake as the client sees it, logged and counted for the operator.
-fn handshake_refusal(gw: &Gateway, placement: &Placement, e: HandshakeError) -> Refusal {
+fn handshake_refusal(placement: &Placement, e: HandshakeError) -> Refusal {
     let backend = placement.backend.name.as_str();
     match e {
         HandshakeError::AuthFailed(_) => {
-            gw.metrics
-                .backend_auth_failures_total
-                .with_label_values(&[placement.pool.as_str(), backend])
-                .inc();
+            // The state's own counter: a dynamic backend counts in its pool's shared series.
+            placement.state.count_auth_failure();
             tracing::warn!(event = "backend_auth_failed", backend, error = %e,
                 "the backend refused the gateway's VNC credentials");
             Refusal::new(
@@ -446,9 +456,19 @@ fn detect_dead_peer(tcp: &TcpStream) {
     let _ = setsockopt(tcp, sockopt::TcpUserTimeout, &30_000);
 }
 
-async fn connect_tcp(backend: &BackendConfig) -> Result<TcpStream, String> {
-    let target = (backend.addr.host.as_str(), backend.addr.port);
-    let tcp = tokio::time::timeout(BACKEND_CONNECT_TIMEOUT, TcpStream::connect(target))
+/// `resolved`: the address already looked up (`discovery: dns`); otherwise the backend's host
+/// is resolved by the connect itself.
+async fn connect_tcp(
+    backend: &BackendConfig,
+    resolved: Option<std::net::SocketAddr>,
+) -> Result<TcpStream, String> {
+    let connect = async {
+        match resolved {
+            Some(addr) => TcpStream::connect(addr).await,
+            None => TcpStream::connect((backend.addr.host.as_str(), backend.addr.port)).await,
+        }
+    };
+    let tcp = tokio::time::timeout(BACKEND_CONNECT_TIMEOUT, connect)
         .await
         .map_err(|_| "connect timed out".to_owned())?
         .map_err(|e| e.to_string())?;

@@ -63,7 +63,48 @@ pub const HANDSHAKE_SLOTS: usize = 4;
 /// How long an upgrade or a check waits for a login slot before giving up.
 pub const HANDSHAKE_SLOT_WAIT: Duration = Duration::from_secs(10);
 
+/// The `backend` label under which a pool's dynamic backends (registry, dns) are counted
+/// together: one series per sandbox would leave thousands of dead series behind.
+pub const DYNAMIC_LABEL: &str = "(dynamic)";
+
 impl BackendState {
+    /// A backend found at run time (`discovery: registry` or `dns`): never actively checked
+    /// (it counts as up; a failed connect answers 502), counted in its pool's
+    /// [`DYNAMIC_LABEL`] series.
+    pub fn dynamic(
+        metrics: &Metrics,
+        pool: &str,
+        name: &str,
+        addr: BackendAddr,
+        draining: bool,
+    ) -> BackendState {
+        let labels = [pool, DYNAMIC_LABEL];
+        let up_gauge = metrics.backend_up.with_label_values(&labels);
+        up_gauge.set(1);
+        BackendState {
+            pool: pool.to_owned(),
+            name: name.to_owned(),
+            addr,
+            check_interval: None,
+            probe: ArcSwap::from_pointee(Probe::Tcp),
+            auth_failures: metrics
+                .backend_auth_failures_total
+                .with_label_values(&labels),
+            up: AtomicBool::new(true),
+            draining: AtomicBool::new(draining),
+            failures: AtomicU32::new(0),
+            sessions: AtomicUsize::new(0),
+            up_gauge,
+            sessions_gauge: metrics.backend_sessions.with_label_values(&labels),
+            handshakes: tokio::sync::Semaphore::new(HANDSHAKE_SLOTS),
+        }
+    }
+
+    /// The backend refused the gateway's credentials (`vncgate_backend_auth_failures_total`).
+    pub fn count_auth_failure(&self) {
+        self.auth_failures.inc();
+    }
+
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
     }
@@ -165,6 +206,7 @@ enum Checked {
     CannotAuthenticate,
 }
 
+#[derive(Debug)]
 pub struct BackendSessionGuard(Arc<BackendState>);
 
 impl Drop for BackendSessionGuard {

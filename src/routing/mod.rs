@@ -4,14 +4,20 @@
 //! - [`memory`]: the embedded store (`store.kind: memory`).
 //! - [`health`]: backend health checks and live-session counts.
 //! - [`placement`]: least-loaded choice with rendezvous-hash tie-break.
+//! - [`board`]: cluster-wide backend state (drain marks, session counts, registered backends).
+//! - [`directory`]: the backends known beyond the config file, synced with the board.
+//! - [`resolve`]: address lookups of `discovery: dns` backends, cached briefly.
 //!
 //! [`Router::place`] puts them together: reuse the pin when there is one (owner binding,
 //! health), otherwise choose and claim one atomically.
 
+pub mod board;
+pub mod directory;
 pub mod health;
 pub mod memory;
 pub mod placement;
 pub mod redis;
+pub mod resolve;
 pub mod store;
 
 use std::sync::Arc;
@@ -24,7 +30,9 @@ pub use memory::MemoryStore;
 pub use store::{Pin, SessionStore, StoreError};
 
 use crate::auth::Claims;
-use crate::config::{BackendConfig, Config, PoolConfig};
+use crate::config::{BackendConfig, Config, Discovery, PoolConfig};
+use directory::Directory;
+use resolve::Resolver;
 
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum RoutingError {
@@ -52,6 +60,9 @@ pub struct Placement {
     pub created: Option<Pin>,
     /// The session's owner (the pin's `owner`): differs from the token's `sub` for a share.
     pub owner: String,
+    /// The session already counted on `state` (placed through the cluster-wide board, which
+    /// counted it there at the same moment); else the caller counts it.
+    pub counted: Option<Arc<health::BackendSessionGuard>>,
 }
 
 pub struct Router {
@@ -62,6 +73,8 @@ pub struct Router {
     /// Swapped whole on a config reload (backends added or removed).
     health: ArcSwap<Health>,
     idle_ttl: Duration,
+    directory: Arc<Directory>,
+    resolver: Resolver,
 }
 
 impl Router {
@@ -71,12 +84,65 @@ impl Router {
         remote: bool,
         health: Arc<Health>,
         idle_ttl: Duration,
+        directory: Arc<Directory>,
+        resolver: Resolver,
     ) -> Router {
         Router {
             store,
             local: remote.then(MemoryStore::new),
             health: ArcSwap::new(health),
             idle_ttl,
+            directory,
+            resolver,
+        }
+    }
+
+    pub fn directory(&self) -> &Arc<Directory> {
+        &self.directory
+    }
+
+    /// Count the session on its backend until the guard drops, here and, with a shared store,
+    /// on the board at once: the next placement on any replica must see it, also when it was
+    /// not placed by load (a pin reused, a backend the token names). A placement the board
+    /// chose comes counted already.
+    pub async fn count_session(
+        &self,
+        placement: &mut Placement,
+    ) -> Arc<health::BackendSessionGuard> {
+        if let Some(guard) = placement.counted.take() {
+            return guard;
+        }
+        if self.local.is_none() || !self.store.is_up() {
+            return Arc::new(placement.state.session_started());
+        }
+        let _placing = self.directory.placing().await;
+        let guard = Arc::new(placement.state.session_started());
+        let key = board::BackendKey::new(&placement.pool, &placement.backend.name);
+        // Best effort: the next sync publishes the count anyway.
+        let _ = self
+            .directory
+            .board()
+            .add_sessions(self.directory.replica(), &key, 1)
+            .await;
+        guard
+    }
+
+    /// Where to connect for `placement`: `Some` for a `discovery: dns` backend (looked up now,
+    /// through the short cache), `None` when the backend's own address is to be used.
+    pub async fn connect_addr(
+        &self,
+        config: &Config,
+        placement: &Placement,
+    ) -> Result<Option<std::net::SocketAddr>, String> {
+        match config.pool(&placement.pool).map(|p| &p.discovery) {
+            Some(Discovery::Dns { .. }) => {
+                let addr = &placement.backend.addr;
+                self.resolver
+                    .resolve(&placement.pool, &addr.host, addr.port)
+                    .await
+                    .map(Some)
+            }
+            _ => Ok(None),
         }
     }
 
@@ -126,7 +192,10 @@ impl Router {
             if pin.owner != claims.sub && claims.share.is_none() {
                 return Err(RoutingError::OwnedByOtherUser);
             }
-            if let Some(placement) = self.reuse(pool_name, pool, &pin, claims, degraded).await? {
+            if let Some(placement) = self
+                .reuse(config, pool_name, pool, &pin, claims, degraded)
+                .await?
+            {
                 return Ok(placement);
             }
         } else if claims.share.is_some() {
@@ -135,7 +204,7 @@ impl Router {
             return Err(RoutingError::NothingToJoin);
         }
         let (chosen, mine, held) = self
-            .pin_new(sid, pool_name, pool, claims, stale, degraded)
+            .pin_new(config, sid, pool_name, pool, claims, stale, degraded)
             .await?;
         if held.owner != claims.sub && claims.share.is_none() {
             return Err(RoutingError::OwnedByOtherUser);
@@ -153,7 +222,7 @@ impl Router {
             });
         }
         // A concurrent first connection claimed another backend first: follow it.
-        self.reuse(pool_name, pool, &held, claims, degraded)
+        self.reuse(config, pool_name, pool, &held, claims, degraded)
             .await?
             .ok_or_else(|| RoutingError::BackendUnavailable(held.backend.clone()))
     }
@@ -161,8 +230,10 @@ impl Router {
     /// Choose a backend for a session without a usable pin and pin it: returns the choice, the
     /// pin made for it, and the pin that holds afterwards (another one when a concurrent first
     /// connection won).
+    #[allow(clippy::too_many_arguments)]
     async fn pin_new(
         &self,
+        config: &Config,
         sid: &str,
         pool_name: &str,
         pool: &PoolConfig,
@@ -170,7 +241,9 @@ impl Router {
         stale: bool,
         degraded: bool,
     ) -> Result<(Placement, Pin, Pin), RoutingError> {
-        let mut chosen = self.choose(pool_name, pool, claims, degraded)?;
+        let mut chosen = self
+            .choose(config, pool_name, pool, claims, degraded)
+            .await?;
         let mut mine = new_pin(&chosen, claims);
         if stale {
             // The pin's backend left the config: overwrite it (a claim would hand it back).
@@ -196,7 +269,7 @@ impl Router {
                     // The store did not confirm the claim (it may or may not hold a pin now):
                     // place as while it is away, by rendezvous, which a replica in the same
                     // position computes alike, rather than by this replica's loads.
-                    chosen = self.choose(pool_name, pool, claims, true)?;
+                    chosen = self.choose(config, pool_name, pool, claims, true).await?;
                     mine = new_pin(&chosen, claims);
                 }
                 self.claim_locally(sid, mine.clone()).await
@@ -242,6 +315,28 @@ impl Router {
     pub async fn release_created(&self, sid: &str, placement: &Placement) {
         if let Some(pin) = &placement.created {
             self.release_pin(sid, pin).await;
+        }
+    }
+
+    /// The backend of `placement` could not be reached: undo the pin this request created; for
+    /// a dynamic backend (a sandbox that is gone) drop the session's pin to it whoever made it,
+    /// so the next connection is not sent back to a dead address for the idle TTL.
+    pub async fn release_failed(&self, config: &Config, sid: &str, placement: &Placement) {
+        if placement.created.is_some() {
+            return self.release_created(sid, placement).await;
+        }
+        let dynamic = config
+            .pool(&placement.pool)
+            .is_some_and(|p| p.discovery.is_dynamic());
+        if !dynamic {
+            return;
+        }
+        let pin = match self.store.get(sid).await {
+            Ok(pin) => pin,
+            Err(_) => self.cached(sid).await,
+        };
+        if let Some(pin) = pin.filter(|p| p.backend == placement.backend.name) {
+            self.release_pin(sid, &pin).await;
         }
     }
 
@@ -296,6 +391,7 @@ impl Router {
     /// backend left the config, or failover re-pins away from a dead one).
     async fn reuse(
         &self,
+        config: &Config,
         pool_name: &str,
         pool: &PoolConfig,
         pin: &Pin,
@@ -308,26 +404,31 @@ impl Router {
         if claims.backend.as_ref().is_some_and(|b| *b != pin.backend) {
             return Err(RoutingError::BackendNotAllowed);
         }
-        let Some(backend) = pool.backends.iter().find(|b| b.name == pin.backend) else {
-            return Ok(None);
-        };
-        let health = self.health.load();
-        let Some(state) = health.get(pool_name, &backend.name) else {
+        let Some((backend, state)) = self.backend(config, pool_name, pool, &pin.backend).await
+        else {
+            // A registered backend that was removed: its sessions go elsewhere only where the
+            // pool fails over (a sandbox's session has nowhere else to go).
+            if matches!(pool.discovery, Discovery::Registry { .. }) && !pool.failover {
+                return Err(RoutingError::BackendUnavailable(pin.backend.clone()));
+            }
             return Ok(None);
         };
         if state.is_up() {
             return Ok(Some(Placement {
                 pool: pool_name.to_owned(),
                 backend: backend.clone(),
-                state: Arc::clone(state),
+                state: Arc::clone(&state),
                 created: None,
                 owner: pin.owner.clone(),
+                counted: None,
             }));
         }
         if !pool.failover || claims.backend.is_some() {
             return Err(RoutingError::BackendUnavailable(backend.name.clone()));
         }
-        let chosen = self.choose(pool_name, pool, claims, degraded)?;
+        let chosen = self
+            .choose(config, pool_name, pool, claims, degraded)
+            .await?;
         let now = store::unix_ms();
         let repin = Pin {
             backend: chosen.backend.name.clone(),
@@ -349,50 +450,144 @@ impl Router {
         }))
     }
 
-    /// A healthy backend for a new session: the one the token names, else the least loaded.
-    /// `degraded` (no store to agree through): ignore loads, which differ per replica, and use
-    /// the rendezvous hash alone, which every replica computes the same.
-    fn choose(
+    /// A backend of the pool by name: configured, registered, or (dns) named by the token.
+    async fn backend(
         &self,
+        config: &Config,
+        pool_name: &str,
+        pool: &PoolConfig,
+        name: &str,
+    ) -> Option<(BackendConfig, Arc<BackendState>)> {
+        match &pool.discovery {
+            Discovery::Static => {
+                let backend = pool.backends.iter().find(|b| b.name == name)?;
+                let health = self.health.load();
+                let state = health.get(pool_name, name)?;
+                Some((backend.clone(), Arc::clone(state)))
+            }
+            Discovery::Registry { .. } => match self.directory.get(pool_name, pool, name) {
+                Some(found) => Some(found),
+                None => {
+                    self.directory
+                        .lookup_registered(config, pool_name, name)
+                        .await
+                }
+            },
+            Discovery::Dns { addr_template, .. } => {
+                // The name was checked against `name_pattern` before anything else.
+                let addr =
+                    crate::config::parse_backend_addr(&addr_template.replace("{backend}", name))?;
+                Some(self.directory.named(pool_name, pool, name, addr))
+            }
+        }
+    }
+
+    /// The backends a new session of the pool may go to, before health and drain.
+    fn candidates(
+        &self,
+        pool_name: &str,
+        pool: &PoolConfig,
+    ) -> Vec<(BackendConfig, Arc<BackendState>)> {
+        match &pool.discovery {
+            Discovery::Static => {
+                let health = self.health.load();
+                pool.backends
+                    .iter()
+                    .filter_map(|b| {
+                        health
+                            .get(pool_name, &b.name)
+                            .map(|s| (b.clone(), Arc::clone(s)))
+                    })
+                    .collect()
+            }
+            Discovery::Registry { .. } => self.directory.registered(pool_name, pool),
+            // A dns pool's backend is always the one the token names.
+            Discovery::Dns { .. } => Vec::new(),
+        }
+    }
+
+    /// A healthy backend for a new session: the one the token names, else the least loaded.
+    ///
+    /// With a shared store the loads are the cluster's (every replica's live sessions, see
+    /// [`board`]) and the choice is counted at once, so replicas placing at the same moment
+    /// spread. `degraded` (no store to agree through): ignore loads, which differ per replica,
+    /// and use the rendezvous hash alone, which every replica computes the same.
+    async fn choose(
+        &self,
+        config: &Config,
         pool_name: &str,
         pool: &PoolConfig,
         claims: &Claims,
         degraded: bool,
     ) -> Result<Placement, RoutingError> {
-        let health = self.health.load();
-        let healthy: Vec<(&BackendConfig, &Arc<BackendState>)> = pool
-            .backends
-            .iter()
-            .filter_map(|b| health.get(pool_name, &b.name).map(|s| (b, s)))
-            // A draining backend keeps its pinned sessions but takes no new ones.
-            .filter(|(_, s)| !s.is_draining())
-            .filter(|(_, s)| s.is_up())
-            .collect();
-        let pick = match &claims.backend {
-            Some(name) => healthy
-                .iter()
-                .find(|(b, _)| &b.name == name)
-                .ok_or_else(|| RoutingError::BackendUnavailable(name.clone()))?,
-            None => {
-                let candidates: Vec<(&str, usize)> = healthy
-                    .iter()
-                    .map(|(b, s)| (b.name.as_str(), if degraded { 0 } else { s.sessions() }))
-                    .collect();
-                let name = placement::least_loaded(claims.session_id(), &candidates)
-                    .ok_or_else(|| RoutingError::NoHealthyBackend(pool_name.to_owned()))?;
-                healthy
-                    .iter()
-                    .find(|(b, _)| b.name == name)
-                    .ok_or_else(|| RoutingError::NoHealthyBackend(pool_name.to_owned()))?
-            }
-        };
-        Ok(Placement {
+        let placement = |(backend, state): (BackendConfig, Arc<BackendState>)| Placement {
             pool: pool_name.to_owned(),
-            backend: pick.0.clone(),
-            state: Arc::clone(pick.1),
+            backend,
+            state,
             created: None,
             owner: claims.sub.clone(),
-        })
+            counted: None,
+        };
+        // A draining backend keeps its pinned sessions but takes no new ones.
+        let usable = |s: &BackendState| s.is_up() && !s.is_draining();
+        if let Some(name) = &claims.backend {
+            return match self.backend(config, pool_name, pool, name).await {
+                Some(found) if usable(&found.1) => Ok(placement(found)),
+                _ => Err(RoutingError::BackendUnavailable(name.clone())),
+            };
+        }
+        let mut healthy: Vec<(BackendConfig, Arc<BackendState>)> = self
+            .candidates(pool_name, pool)
+            .into_iter()
+            .filter(|(_, s)| usable(s))
+            .collect();
+        if healthy.is_empty() {
+            return Err(RoutingError::NoHealthyBackend(pool_name.to_owned()));
+        }
+        let sid = claims.session_id();
+        if !degraded && self.local.is_some() {
+            // Rendezvous order first: among equally loaded backends the board takes the first,
+            // which is the one every replica would pick for this sid.
+            healthy.sort_by_key(|(b, _)| std::cmp::Reverse(placement::score(sid, &b.name)));
+            let names: Vec<String> = healthy.iter().map(|(b, _)| b.name.clone()).collect();
+            let _placing = self.directory.placing().await;
+            match self
+                .directory
+                .board()
+                .place(self.directory.replica(), pool_name, &names)
+                .await
+            {
+                Ok(Some(name)) => {
+                    if let Some(i) = healthy.iter().position(|(b, _)| b.name == name) {
+                        let mut chosen = placement(healthy.swap_remove(i));
+                        chosen.counted = Some(Arc::new(chosen.state.session_started()));
+                        return Ok(chosen);
+                    }
+                }
+                Ok(None) => return Err(RoutingError::NoHealthyBackend(pool_name.to_owned())),
+                // The store did not answer: the rendezvous choice, as while it is away.
+                Err(_) => {}
+            }
+        }
+        let candidates: Vec<(&str, usize)> = healthy
+            .iter()
+            .map(|(b, s)| {
+                let load = if degraded || self.local.is_some() {
+                    0
+                } else {
+                    s.sessions()
+                };
+                (b.name.as_str(), load)
+            })
+            .collect();
+        let name = placement::least_loaded(sid, &candidates)
+            .ok_or_else(|| RoutingError::NoHealthyBackend(pool_name.to_owned()))?
+            .to_owned();
+        let i = healthy
+            .iter()
+            .position(|(b, _)| b.name == name)
+            .ok_or_else(|| RoutingError::NoHealthyBackend(pool_name.to_owned()))?;
+        Ok(placement(healthy.swap_remove(i)))
     }
 }
 

@@ -12,18 +12,27 @@
 //! `OP_FAILURES_DOWN` operations fail in a row, and from then on operations fail fast (the
 //! router falls back to its local pin cache and rendezvous placement) while the supervisor
 //! reconnects (see [`supervise`]).
+//!
+//! The same holds for every `store.topology` (contract §13): how a connection is made — the
+//! configured server, the master the sentinels name, or a cluster from its seeds — is
+//! [`topology`]'s business; the supervisor's reconnect is what re-asks the sentinels or re-seeds
+//! the cluster, so a failover is followed like any other outage.
+//!
+//! Cluster: every script touches one key, so it runs on that key's slot; the multi-key catch-up
+//! queries are issued as concurrent single-key commands (a cluster pipeline must stay within one
+//! slot), multiplexed on the same connections.
 
+pub mod board;
 pub mod supervise;
+pub mod topology;
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use futures_util::future::try_join_all;
 use redis::AsyncCommands;
-use redis::IntoConnectionInfo;
-use redis::aio::ConnectionManager;
-use redis::io::tcp::socket2::TcpKeepalive;
 use tokio::sync::{Notify, watch};
 
 use super::store::{Pin, SessionStore, StoreError};
@@ -31,6 +40,8 @@ use crate::config::RedisTopology;
 use crate::metrics::Metrics;
 
 pub use supervise::Replica;
+pub use topology::Conn;
+use topology::Topology;
 
 /// A store round trip on a LAN is well under a millisecond; half a second means it is gone, and
 /// an upgrade must not wait longer than that for it.
@@ -39,19 +50,10 @@ const OP_TIMEOUT: Duration = Duration::from_millis(500);
 /// switch the whole replica to degraded placement; three failures in a row with no success in
 /// between are no hiccup. The liveness pings catch a dead store without any traffic.
 const OP_FAILURES_DOWN: u32 = 3;
-/// Catch-up queries are pipelined in batches of this many keys, so 10,000 live sessions are 20
-/// round trips, each well inside [`OP_TIMEOUT`].
+/// Catch-up queries go out in batches of this many keys (concurrent commands, multiplexed on
+/// the connection: pipelined on one server, spread over the nodes of a cluster), so 10,000 live
+/// sessions are 20 batches, each well inside [`OP_TIMEOUT`].
 const CATCH_UP_BATCH: usize = 500;
-
-/// The kernel's share of liveness. Keepalive probes on an idle connection keep NAT and conntrack
-/// entries from expiring (the commonest cause of a half-open connection) and let the kernel give
-/// up on a dead path; `TCP_USER_TIMEOUT` bounds how long written data may go unacknowledged.
-/// The application-level PINGs (see [`supervise`]) are what notice a dead path within seconds:
-/// they also catch a peer that still acknowledges TCP but no longer answers.
-const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
-const KEEPALIVE_RETRIES: u32 = 3;
-const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Create the pin unless it exists; either way return the pin that holds (first writer wins,
 /// which is how concurrent first connections on different replicas agree).
@@ -85,8 +87,9 @@ return 0
 "#;
 
 pub struct RedisStore {
-    client: redis::Client,
-    manager: Mutex<Option<ConnectionManager>>,
+    topology: Topology,
+    /// The command connection; replaced by the supervisor on every reconnect.
+    conn: Mutex<Option<Conn>>,
     prefix: String,
     /// Whether the command connection answers. A watch, so the supervisor wakes when it goes
     /// down and the subscriber when it comes back.
@@ -96,8 +99,11 @@ pub struct RedisStore {
     /// Whether the `{prefix}events` subscription is live and answering its pings.
     subscribed: AtomicBool,
     /// The command connection was replaced without the store being marked down (the liveness
-    /// probe saw a new connection id): the pins must be written back all the same.
+    /// probe saw a new connection id), or a cluster master failed over (asynchronous
+    /// replication may have lost the latest writes): the pins must be written back all the same.
     replaced: Notify,
+    /// The last probe found a master that answers writes (`vncgate_store_master_up`).
+    master_ok: AtomicBool,
     metrics: Arc<Metrics>,
     claim: redis::Script,
     refresh: redis::Script,
@@ -113,36 +119,17 @@ impl RedisStore {
         prefix: &str,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<RedisStore>, StoreError> {
-        let RedisTopology::Standalone { url } = topology else {
-            return Err(StoreError::Unreachable(format!(
-                "topology {} is not supported yet",
-                topology.name()
-            )));
-        };
-        let info = url
-            .expose()
-            .into_connection_info()
-            .map_err(|e| StoreError::Unreachable(e.to_string()))?;
-        let keepalive = TcpKeepalive::new()
-            .with_time(KEEPALIVE_IDLE)
-            .with_interval(KEEPALIVE_INTERVAL)
-            .with_retries(KEEPALIVE_RETRIES);
-        let tcp = info
-            .tcp_settings()
-            .clone()
-            .set_nodelay(true)
-            .set_keepalive(keepalive)
-            .set_user_timeout(TCP_USER_TIMEOUT);
-        let client = redis::Client::open(info.set_tcp_settings(tcp))
-            .map_err(|e| StoreError::Unreachable(e.to_string()))?;
+        let topology =
+            Topology::new(topology).map_err(|e| StoreError::Unreachable(e.to_string()))?;
         let store = Arc::new(RedisStore {
-            client,
-            manager: Mutex::new(None),
+            topology,
+            conn: Mutex::new(None),
             prefix: prefix.to_owned(),
             up: watch::Sender::new(false),
             failures: AtomicU32::new(0),
             subscribed: AtomicBool::new(false),
             replaced: Notify::new(),
+            master_ok: AtomicBool::new(false),
             metrics,
             claim: redis::Script::new(CLAIM),
             refresh: redis::Script::new(REFRESH),
@@ -150,6 +137,11 @@ impl RedisStore {
         });
         store.metrics.store_up.set(0);
         store.metrics.store_subscriber_up.set(0);
+        store.metrics.store_topology.master_up.set(0);
+        store
+            .metrics
+            .store_topology
+            .set_census(topology::Census::default());
         Ok(store)
     }
 
@@ -169,15 +161,17 @@ impl RedisStore {
         format!("{}events", self.prefix)
     }
 
-    fn connection(&self) -> Option<ConnectionManager> {
-        self.manager
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    fn connection(&self) -> Option<Conn> {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    fn set_connection(&self, manager: ConnectionManager) {
-        *self.manager.lock().unwrap_or_else(|p| p.into_inner()) = Some(manager);
+    fn set_connection(&self, conn: Conn) {
+        *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn);
+    }
+
+    fn set_master_ok(&self, ok: bool) {
+        self.master_ok.store(ok, Ordering::SeqCst);
+        self.metrics.store_topology.master_up.set(i64::from(ok));
     }
 
     fn mark_up(&self) {
@@ -189,6 +183,7 @@ impl RedisStore {
     /// The store is gone: fail fast from now on and wake the supervisor. Logged once per outage.
     fn mark_down(&self, op: &str, error: &StoreError) {
         self.failures.store(0, Ordering::SeqCst);
+        self.set_master_ok(false);
         if self.up.send_replace(false) {
             self.metrics.store_up.set(0);
             tracing::warn!(event = "store_error", op, store = "unreachable", error = %error,
@@ -208,10 +203,11 @@ impl RedisStore {
             .inc();
     }
 
-    /// Run one operation with the timeout, timing and failure accounting every op shares.
+    /// Run one operation with the timeout, timing and failure accounting every op shares. The
+    /// closure gets the command connection by value (a cheap clone of a multiplexed one).
     async fn op<T, F, Fut>(&self, name: &'static str, f: F) -> Result<T, StoreError>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         if !self.is_up() {
@@ -234,6 +230,17 @@ impl RedisStore {
                 self.failures.store(0, Ordering::SeqCst);
                 return Ok(v);
             }
+            // READONLY from the sentinels' master: it is a replica now (a failover demoted it,
+            // and the connection manager reconnected to the same address). No write will
+            // succeed there: reconnect at once, which re-asks the sentinels. A cluster
+            // connection follows such moves by itself (slot refresh), and a standalone URL
+            // would only lead back to the same replica: there it is one more failure.
+            Ok(Err(e)) if is_read_only(&e) && self.topology.is_sentinel() => {
+                let error = StoreError::Unreachable(e.to_string());
+                self.count_error(name);
+                self.mark_down(name, &error);
+                return Err(error);
+            }
             Ok(Err(e)) => StoreError::Unreachable(e.to_string()),
             Err(_) => StoreError::Timeout,
         };
@@ -255,6 +262,13 @@ impl RedisStore {
         // bound if that never happens.
         SessionStore::claim(self, sid, pin.clone(), Duration::from_secs(86400)).await
     }
+}
+
+/// Scripts report the error of the write inside them as theirs; the code stays READONLY.
+fn is_read_only(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+        || e.code() == Some("READONLY")
+        || e.to_string().contains("READONLY")
 }
 
 fn ms(d: Duration) -> u64 {
@@ -397,12 +411,12 @@ impl SessionStore for RedisStore {
         for batch in jtis.chunks(CATCH_UP_BATCH) {
             let keys: Vec<String> = batch.iter().map(|j| self.revoked_key(j)).collect();
             let ttls: Vec<i64> = self
-                .op("check_revoked", |mut c| async move {
-                    let mut pipe = redis::pipe();
-                    for key in &keys {
-                        pipe.pttl(key);
-                    }
-                    pipe.query_async(&mut c).await
+                .op("check_revoked", |c| async move {
+                    try_join_all(keys.iter().map(|key| {
+                        let mut c = c.clone();
+                        async move { c.pttl::<_, i64>(key).await }
+                    }))
+                    .await
                 })
                 .await?;
             // PTTL: -2 when the key is missing, -1 when it has no TTL (never written so).
@@ -427,15 +441,14 @@ impl SessionStore for RedisStore {
         let mut out = Vec::with_capacity(sids.len());
         for batch in sids.chunks(CATCH_UP_BATCH) {
             let keys: Vec<String> = batch.iter().map(|s| self.kicked_key(s)).collect();
-            // MGET with a single key would answer a bare value, not an array: a pipeline of
-            // GETs has one shape for any count.
+            // One GET per key, not MGET: in a cluster the keys live in different slots.
             let values: Vec<Option<u64>> = self
-                .op("check_kicked", |mut c| async move {
-                    let mut pipe = redis::pipe();
-                    for key in &keys {
-                        pipe.get(key);
-                    }
-                    pipe.query_async(&mut c).await
+                .op("check_kicked", |c| async move {
+                    try_join_all(keys.iter().map(|key| {
+                        let mut c = c.clone();
+                        async move { c.get::<_, Option<u64>>(key).await }
+                    }))
+                    .await
                 })
                 .await?;
             out.extend(values);

@@ -9,6 +9,7 @@ pub mod fault_proxy;
 pub mod jwks_server;
 pub mod log_tail;
 pub mod redis_server;
+pub mod redis_topology;
 pub mod rfb_client;
 pub mod rfb_server;
 pub mod x11vnc;
@@ -117,6 +118,48 @@ pub struct RfbSpec {
     pub server_name: Option<String>,
 }
 
+/// The shared store of a gateway (contract §13 `store.topology`): its YAML and environment.
+#[derive(Clone, Debug)]
+pub enum StoreSpec {
+    Standalone(String),
+    Sentinel { master: String, urls: Vec<String> },
+    Cluster { urls: Vec<String> },
+}
+
+impl StoreSpec {
+    /// The `store:` keys after `kind: redis`, indented by 2 spaces.
+    fn yaml(&self) -> String {
+        match self {
+            StoreSpec::Standalone(_) => "  topology: standalone\n".into(),
+            StoreSpec::Sentinel { master, .. } => format!(
+                "  topology: sentinel\n  sentinel: {{ master_name: {master}, urls_env: VNCGATE_SENTINEL_URLS }}\n"
+            ),
+            StoreSpec::Cluster { .. } => {
+                "  topology: cluster\n  cluster: { urls_env: VNCGATE_REDIS_CLUSTER_URLS }\n".into()
+            }
+        }
+    }
+
+    fn env(&self) -> Vec<(String, String)> {
+        match self {
+            StoreSpec::Standalone(_) => Vec::new(),
+            StoreSpec::Sentinel { urls, .. } => {
+                vec![("VNCGATE_SENTINEL_URLS".into(), urls.join(","))]
+            }
+            StoreSpec::Cluster { urls } => {
+                vec![("VNCGATE_REDIS_CLUSTER_URLS".into(), urls.join(","))]
+            }
+        }
+    }
+
+    fn standalone_url(&self) -> Option<String> {
+        match self {
+            StoreSpec::Standalone(url) => Some(url.clone()),
+            _ => None,
+        }
+    }
+}
+
 /// The knobs tests turn; everything else is a sensible default.
 pub struct GatewayConfig {
     pub backends: Vec<BackendSpec>,
@@ -137,11 +180,36 @@ pub struct GatewayConfig {
     /// `Some(url)`: `store.kind: redis` with this URL (and the start waits for the store to
     /// connect); `None`: the embedded store.
     pub redis_url: Option<String>,
+    /// `Some(spec)`: `store.kind: redis` with this topology (wins over `redis_url`).
+    pub store: Option<StoreSpec>,
     /// Whether `start` waits for `store_connected` (off for a Redis that is down on purpose).
     pub await_store: bool,
     pub session_idle_ttl_seconds: u64,
     /// `Some(trusted)`: the listener takes a PROXY protocol header from these networks.
     pub proxy_protocol: Option<Vec<String>>,
+    /// `Some`: the default pool's backends are found at run time (then `backends` is empty).
+    pub discovery: Option<DiscoverySpec>,
+}
+
+/// `pools.default.discovery` (contract §13).
+pub enum DiscoverySpec {
+    /// Backends registered through `PUT /admin/pools/default/backends/{name}`.
+    Registry,
+    /// The token's `backend` claim fills `{backend}` in the template.
+    Dns { addr_template: String },
+}
+
+impl DiscoverySpec {
+    fn yaml(&self) -> String {
+        match self {
+            DiscoverySpec::Registry => "    discovery: { kind: registry }
+"
+            .into(),
+            DiscoverySpec::Dns { addr_template } => {
+                format!("    discovery: {{ kind: dns, addr_template: \"{addr_template}\" }}\n")
+            }
+        }
+    }
 }
 
 impl GatewayConfig {
@@ -161,9 +229,11 @@ impl GatewayConfig {
             auth: "  algorithms: [HS256]\n  secret_env: VNCGATE_JWT_SECRET\n".into(),
             drain_seconds: 5,
             redis_url: None,
+            store: None,
             await_store: true,
             session_idle_ttl_seconds: 3600,
             proxy_protocol: None,
+            discovery: None,
         }
     }
 }
@@ -275,7 +345,11 @@ impl Gateway {
                 )),
             }
         }
-        let pool_extra = format!("{}{}", pool_section(&cfg), cfg.pool_extra);
+        let mut pool_extra = format!("{}{}", pool_section(&cfg), cfg.pool_extra);
+        if let Some(discovery) = &cfg.discovery {
+            pool_extra.push_str(&discovery.yaml());
+            backends = "      []\n".into();
+        }
         let mut listener = match &cfg.tls {
             None => format!("  - addr: \"127.0.0.1:{port}\"\n"),
             Some((cert, key)) => format!(
@@ -303,13 +377,14 @@ impl Gateway {
              admin:\n  addr: \"127.0.0.1:{admin_port}\"\n  token_env: VNCGATE_ADMIN_TOKEN\n\
              auth:\n{auth}\
              pools:\n  default:\n{pool_extra}    backends:\n{backends}\
-             store:\n  kind: {store_kind}\n  session_idle_ttl_seconds: {idle_ttl}\n\
+             store:\n  kind: {store_kind}\n{store_topology}  session_idle_ttl_seconds: {idle_ttl}\n\
              logging:\n  format: json\n  level: debug\n{extra}",
-            store_kind = if cfg.redis_url.is_some() {
+            store_kind = if cfg.redis_url.is_some() || cfg.store.is_some() {
                 "redis"
             } else {
                 "memory"
             },
+            store_topology = cfg.store.as_ref().map(StoreSpec::yaml).unwrap_or_default(),
             idle_ttl = cfg.session_idle_ttl_seconds,
             drain = cfg.drain_seconds,
             d = dir.path().display(),
@@ -318,14 +393,15 @@ impl Gateway {
         );
         let config_path = dir.path().join("vncgate.yaml");
         std::fs::write(&config_path, yaml).expect("write config");
-        let mut gw = Gateway::spawn(
-            &config_path,
-            port,
-            admin_port,
-            cfg.redis_url.clone(),
-            &cfg.env,
-            &[],
-        );
+        let (redis_url, env) = match &cfg.store {
+            Some(spec) => {
+                let mut env = cfg.env.clone();
+                env.extend(spec.env());
+                (spec.standalone_url().or(cfg.redis_url.clone()), env)
+            }
+            None => (cfg.redis_url.clone(), cfg.env.clone()),
+        };
+        let mut gw = Gateway::spawn(&config_path, port, admin_port, redis_url, &env, &[]);
         gw.dir = Some(dir);
         gw.wait_log(|v| v["event"] == "listening" && v["addr"] == format!("127.0.0.1:{port}"))
             .await;
@@ -333,7 +409,7 @@ impl Gateway {
             v["event"] == "listening" && v["addr"] == format!("127.0.0.1:{admin_port}")
         })
         .await;
-        if cfg.redis_url.is_some() && cfg.await_store {
+        if (cfg.redis_url.is_some() || cfg.store.is_some()) && cfg.await_store {
             gw.wait_log(|v| v["event"] == "store_connected").await;
         }
         gw

@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use rand::Rng;
-use redis::ErrorKind;
-use redis::aio::{ConnectionManagerConfig, PubSubSink, PubSubStream};
+use redis::aio::{PubSubSink, PubSubStream};
 
 use super::RedisStore;
+use super::topology::{CONNECT_TIMEOUT, Probe};
 use crate::routing::store::{Pin, SessionStore, StoreError};
 
 /// Liveness: each connection gets a PING every [`PING_INTERVAL`] with a deadline of
@@ -30,7 +30,10 @@ use crate::routing::store::{Pin, SessionStore, StoreError};
 pub const PING_INTERVAL: Duration = Duration::from_secs(1);
 pub const PING_DEADLINE: Duration = Duration::from_secs(1);
 pub const PING_MISSES_DOWN: u32 = 2;
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often the node metrics are refreshed (asking every sentinel, or `CLUSTER NODES`); also
+/// how soon a cluster failover or a master the sentinels moved under a live connection is
+/// noticed when nothing else notices it first.
+pub const CENSUS_INTERVAL: Duration = Duration::from_secs(2);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
@@ -68,6 +71,7 @@ impl RedisStore {
             self.supervise(replica.as_ref()),
             self.ping_commands(),
             self.subscribe_events(replica.as_ref()),
+            self.census(),
         );
     }
 
@@ -141,28 +145,17 @@ impl RedisStore {
     }
 
     /// A fresh connection replaces the old one, which may be half-open: a connection the pings
-    /// gave up on is never trusted again.
+    /// gave up on is never trusted again. This is also where the sentinels are asked again for
+    /// the master, and a cluster is seeded again.
     async fn reconnect(&self) -> Result<(), StoreError> {
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            // Every call has a shorter deadline of its own; this only bounds the manager's
-            // internal handshakes.
-            .set_response_timeout(Some(PING_DEADLINE))
-            // The supervisor owns reconnection (with jitter, and the write-back after it).
-            .set_number_of_retries(1);
-        let mut manager = tokio::time::timeout(
-            CONNECT_TIMEOUT * 2,
-            self.client.get_connection_manager_with_config(config),
-        )
-        .await
-        .map_err(|_| StoreError::Timeout)?
-        .map_err(|e| StoreError::Unreachable(e.to_string()))?;
-        let _: String =
-            tokio::time::timeout(PING_DEADLINE, redis::cmd("PING").query_async(&mut manager))
-                .await
-                .map_err(|_| StoreError::Timeout)?
-                .map_err(|e| StoreError::Unreachable(e.to_string()))?;
-        self.set_connection(manager);
+        let connected = self.topology.connect().await?;
+        if let Some(old) = &connected.master_changed_from {
+            tracing::warn!(event = "store_master_changed", old_addr = %old,
+                addr = %connected.addr, "the session store's master moved");
+        }
+        tracing::debug!(event = "store_connect", addr = %connected.addr, "session store connection made");
+        self.set_connection(connected.conn);
+        self.set_master_ok(true);
         Ok(())
     }
 
@@ -194,15 +187,16 @@ impl RedisStore {
     }
 
     /// Probe the command connection while it counts as up; mark the store down after
-    /// [`PING_MISSES_DOWN`] misses in a row, without waiting for traffic to notice. The probe is
-    /// `CLIENT ID`, which answers like PING and also tells when the connection manager silently
-    /// reconnected (the id changes), e.g. to a Redis that restarted empty; a server without
-    /// `CLIENT` (some proxies) gets plain PINGs.
+    /// [`PING_MISSES_DOWN`] misses in a row, without waiting for traffic to notice. The probe
+    /// depends on the topology ([`super::topology::Topology::probe`]): `CLIENT ID` answers like
+    /// PING and also tells when the connection manager silently reconnected (the id changes),
+    /// e.g. to a Redis that restarted empty; with sentinels `ROLE` too, since a demoted master
+    /// still answers everything but writes (that is no miss but a definite answer: reconnect at
+    /// once); a cluster is asked whether it serves all its slots.
     async fn ping_commands(&self) {
         let mut tick = tokio::time::interval(PING_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut misses = 0u32;
-        let mut client_id = true;
         let mut last_id: Option<i64> = None;
         loop {
             tick.tick().await;
@@ -211,35 +205,36 @@ impl RedisStore {
                 (misses, last_id) = (0, None);
                 continue;
             };
-            let probe = match client_id {
-                true => redis::cmd("CLIENT").arg("ID").to_owned(),
-                false => redis::cmd("PING"),
-            };
             let started = Instant::now();
-            let answer =
-                tokio::time::timeout(PING_DEADLINE, probe.query_async::<redis::Value>(&mut conn))
-                    .await;
+            let answer = self.topology.probe(&mut conn).await;
             self.metrics
                 .store_op_duration
                 .with_label_values(&["ping"])
                 .observe(started.elapsed().as_secs_f64());
             let error = match answer {
-                Ok(Ok(answer)) => {
+                Ok(Probe::Alive { conn_id }) => {
                     misses = 0;
-                    if let redis::Value::Int(id) = answer
-                        && last_id.replace(id).is_some_and(|last| last != id)
-                    {
-                        self.replaced.notify_one();
+                    self.set_master_ok(true);
+                    match conn_id {
+                        Some(id) if last_id.replace(id).is_some_and(|last| last != id) => {
+                            self.replaced.notify_one();
+                        }
+                        Some(_) => {}
+                        None => last_id = None,
                     }
                     continue;
                 }
-                // The server answered, only not to CLIENT: alive; PING from now on.
-                Ok(Err(e)) if matches!(e.kind(), ErrorKind::Server(_) | ErrorKind::Extension) => {
-                    (misses, client_id, last_id) = (0, false, None);
+                Ok(Probe::NotMaster(why)) => {
+                    self.count_error("ping");
+                    (misses, last_id) = (0, None);
+                    self.mark_down("ping", &StoreError::Unreachable(why));
                     continue;
                 }
-                Ok(Err(e)) => StoreError::Unreachable(e.to_string()),
-                Err(_) => StoreError::Timeout,
+                Ok(Probe::Unhealthy(why)) => {
+                    self.set_master_ok(false);
+                    StoreError::Unreachable(why)
+                }
+                Err(e) => e,
             };
             self.count_error("ping");
             misses += 1;
@@ -248,6 +243,49 @@ impl RedisStore {
                 self.mark_down("ping", &error);
             } else {
                 tracing::debug!(event = "store_error", op = "ping", error = %error, "store ping missed");
+            }
+        }
+    }
+
+    /// Refresh `vncgate_store_master_up` and `vncgate_store_nodes_reachable` every
+    /// [`CENSUS_INTERVAL`], and act on what the census alone sees: a cluster master that
+    /// failed over (logged, and the live pins written back, since replication is asynchronous
+    /// and the promoted replica may lack the latest ones), or sentinels that moved the master
+    /// under a connection that still works (reconnect through them).
+    async fn census(&self) {
+        let mut tick = tokio::time::interval(CENSUS_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut up_changes = self.up.subscribe();
+        loop {
+            // Also right after every (re)connection: the masters in place then are the ones a
+            // later failover is told from.
+            tokio::select! {
+                _ = tick.tick() => {}
+                changed = up_changes.changed() => if changed.is_err() { return },
+            }
+            let up = self.is_up();
+            let master_ok = up && self.master_ok.load(std::sync::atomic::Ordering::SeqCst);
+            let report = self
+                .topology
+                .census(self.connection().filter(|_| up), master_ok)
+                .await;
+            self.metrics.store_topology.set_census(report.census);
+            self.metrics
+                .store_topology
+                .master_up
+                .set(i64::from(up && report.master_up));
+            for moved in &report.moves {
+                tracing::warn!(event = "store_master_changed", old_addr = %moved.old_addr,
+                    addr = %moved.new_addr, "a session store master failed over");
+            }
+            if !report.moves.is_empty() && up {
+                self.replaced.notify_one();
+            }
+            if report.master_moved && self.is_up() {
+                self.mark_down(
+                    "census",
+                    &StoreError::Unreachable("the sentinels name another master".into()),
+                );
             }
         }
     }
@@ -261,7 +299,7 @@ impl RedisStore {
         let mut subscriptions = 0u64;
         loop {
             match self.subscribe(&channel).await {
-                Ok((sink, stream)) => {
+                Ok((addr, sink, stream)) => {
                     backoff = BACKOFF_MIN;
                     subscriptions += 1;
                     self.set_subscribed(true);
@@ -272,6 +310,7 @@ impl RedisStore {
                     );
                     let lost = self.listen(sink, stream, replica).await;
                     self.set_subscribed(false);
+                    self.topology.subscription_lost(&addr);
                     self.count_error("subscribe");
                     tracing::warn!(event = "store_error", op = "subscribe", error = %lost,
                         "event subscription lost; resubscribing, then catching up on kicks and revocations");
@@ -296,17 +335,21 @@ impl RedisStore {
         }
     }
 
-    async fn subscribe(&self, channel: &str) -> Result<(PubSubSink, PubSubStream), StoreError> {
-        let pubsub = tokio::time::timeout(CONNECT_TIMEOUT * 2, self.client.get_async_pubsub())
-            .await
-            .map_err(|_| StoreError::Timeout)?
-            .map_err(|e| StoreError::Unreachable(e.to_string()))?;
-        let (mut sink, stream) = pubsub.split();
-        tokio::time::timeout(PING_DEADLINE, sink.subscribe(channel))
-            .await
-            .map_err(|_| StoreError::Timeout)?
-            .map_err(|e| StoreError::Unreachable(e.to_string()))?;
-        Ok((sink, stream))
+    /// Subscribe on the first node that takes it (see
+    /// [`super::topology::Topology::pubsub_clients`]); returns its `host:port` too.
+    async fn subscribe(
+        &self,
+        channel: &str,
+    ) -> Result<(String, PubSubSink, PubSubStream), StoreError> {
+        let mut last = StoreError::Unreachable("no node to subscribe on yet".into());
+        for client in self.topology.pubsub_clients() {
+            let addr = super::topology::addr_of(client.get_connection_info());
+            match subscribe_on(&client, channel).await {
+                Ok((sink, stream)) => return Ok((addr, sink, stream)),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
     }
 
     /// Until the subscription is lost: hand messages over, PING (allowed in RESP2 subscribed
@@ -368,4 +411,20 @@ impl RedisStore {
             never = catch_up => match never {},
         }
     }
+}
+
+async fn subscribe_on(
+    client: &redis::Client,
+    channel: &str,
+) -> Result<(PubSubSink, PubSubStream), StoreError> {
+    let pubsub = tokio::time::timeout(CONNECT_TIMEOUT * 2, client.get_async_pubsub())
+        .await
+        .map_err(|_| StoreError::Timeout)?
+        .map_err(|e| StoreError::Unreachable(e.to_string()))?;
+    let (mut sink, stream) = pubsub.split();
+    tokio::time::timeout(PING_DEADLINE, sink.subscribe(channel))
+        .await
+        .map_err(|_| StoreError::Timeout)?
+        .map_err(|e| StoreError::Unreachable(e.to_string()))?;
+    Ok((sink, stream))
 }
