@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::redis_server::RedisServer;
-use common::redis_topology::{TestStore, Topo};
+use common::redis_topology::{TestStore, Topo, scenario};
 use common::rfb_client::{self, WsConnect};
 use common::rfb_server::{Mode, RfbServer};
 use common::{
@@ -34,18 +34,6 @@ fn config(backends: Vec<BackendSpec>, redis: Option<&RedisServer>) -> GatewayCon
     let mut cfg = GatewayConfig::new(backends);
     cfg.redis_url = redis.map(|r| r.url());
     cfg.extra = "limits:\n  max_sessions_per_user: 1000\n".into();
-    cfg
-}
-
-/// The desks as a static pool, with the store of `store` (standalone Redis or Cluster).
-fn static_config(desks: &[RfbServer], store: &TestStore) -> GatewayConfig {
-    let backends = desks
-        .iter()
-        .enumerate()
-        .map(|(i, d)| BackendSpec::rfb(&format!("d{i}"), d.addr))
-        .collect();
-    let mut cfg = config(backends, None);
-    cfg.store = Some(store.spec());
     cfg
 }
 
@@ -109,10 +97,7 @@ fn cluster_sessions(view: &Value, name: &str) -> u64 {
 async fn least_loaded_counts_the_sessions_of_every_replica(#[case] topo: Topo) {
     let redis = TestStore::start(topo).await.expect("store");
     let desks = desks(4).await;
-    let (a, b) = tokio::join!(
-        Gateway::start(static_config(&desks, &redis)),
-        Gateway::start(static_config(&desks, &redis))
-    );
+    let (a, b) = scenario::replicas(&desks, &redis.spec()).await;
     let mut on_a = Vec::new();
     for i in 0..20 {
         on_a.push(open(&a, &jwt(&format!("a{i}"), &format!("a{i}"))).await);
@@ -157,10 +142,7 @@ async fn least_loaded_counts_the_sessions_of_every_replica(#[case] topo: Topo) {
 async fn forty_new_sessions_on_two_replicas_spread_within_one_of_even(#[case] topo: Topo) {
     let redis = TestStore::start(topo).await.expect("store");
     let desks = desks(4).await;
-    let (a, b) = tokio::join!(
-        Gateway::start(static_config(&desks, &redis)),
-        Gateway::start(static_config(&desks, &redis))
-    );
+    let (a, b) = scenario::replicas(&desks, &redis.spec()).await;
     let opens = (0..40usize).map(|i| {
         let gw = if i.is_multiple_of(2) { &a } else { &b };
         async move { open(gw, &jwt(&format!("u{i}"), &format!("s{i}"))).await }
@@ -180,10 +162,7 @@ async fn a_drain_on_one_replica_applies_on_every_replica_and_survives_a_restart(
 ) {
     let redis = TestStore::start(topo).await.expect("store");
     let desks = desks(2).await;
-    let (a, b) = tokio::join!(
-        Gateway::start(static_config(&desks, &redis)),
-        Gateway::start(static_config(&desks, &redis))
-    );
+    let (a, b) = scenario::replicas(&desks, &redis.spec()).await;
     let before = open(&b, &jwt("early", "early")).await;
     let (status, body) = a.admin("POST", "/admin/backends/d0/drain", "").await;
     assert_eq!(status, 200, "{body}");
@@ -203,7 +182,7 @@ async fn a_drain_on_one_replica_applies_on_every_replica_and_survives_a_restart(
 
     // A replica started afterwards reads the mark from the store.
     drop(b);
-    let c = Gateway::start(static_config(&desks, &redis)).await;
+    let c = Gateway::start(scenario::config(&desks, &redis.spec())).await;
     c.wait_log(|v| v["event"] == "backend_drain" && v["backend"] == "d0" && v["draining"] == true)
         .await;
     let view = backends_view(&c).await;
@@ -465,10 +444,7 @@ async fn a_removed_backend_fails_over_where_the_pool_allows_it() {
 async fn a_session_placed_by_name_counts_at_once_on_every_replica() {
     let redis = TestStore::start(Topo::Standalone).await.expect("store");
     let desks = desks(2).await;
-    let (a, b) = tokio::join!(
-        Gateway::start(static_config(&desks, &redis)),
-        Gateway::start(static_config(&desks, &redis))
-    );
+    let (a, b) = scenario::replicas(&desks, &redis.spec()).await;
     // A sid that an idle pool would place on d0.
     let sid = (0..)
         .map(|i| format!("probe-{i}"))

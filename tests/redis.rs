@@ -12,7 +12,7 @@ mod common;
 use std::collections::HashSet;
 
 use common::redis_server::RedisServer;
-use common::redis_topology::{TestStore, Topo};
+use common::redis_topology::{TestStore, Topo, scenario};
 use common::rfb_client::{self, WsConnect};
 use common::rfb_server::RfbServer;
 use common::{BackendSpec, Gateway, GatewayConfig, StoreSpec, desks, now, open_session as open};
@@ -22,31 +22,11 @@ use rstest::rstest;
 use serde_json::json;
 
 fn config(desks: &[RfbServer], redis: &RedisServer) -> GatewayConfig {
-    config_for(desks, &StoreSpec::Standalone(redis.url()))
-}
-
-fn config_for(desks: &[RfbServer], store: &StoreSpec) -> GatewayConfig {
-    let backends = desks
-        .iter()
-        .enumerate()
-        .map(|(i, d)| BackendSpec::rfb(&format!("d{i}"), d.addr))
-        .collect();
-    let mut cfg = GatewayConfig::new(backends);
-    cfg.store = Some(store.clone());
-    cfg.extra = "limits:\n  max_sessions_per_user: 100\n".into();
-    cfg
+    scenario::config(desks, &StoreSpec::Standalone(redis.url()))
 }
 
 async fn replicas(desks: &[RfbServer], redis: &RedisServer) -> (Gateway, Gateway) {
-    replicas_on(desks, &StoreSpec::Standalone(redis.url())).await
-}
-
-async fn replicas_on(desks: &[RfbServer], store: &StoreSpec) -> (Gateway, Gateway) {
-    let (a, b) = tokio::join!(
-        Gateway::start(config_for(desks, store)),
-        Gateway::start(config_for(desks, store))
-    );
-    (a, b)
+    scenario::replicas(desks, &StoreSpec::Standalone(redis.url())).await
 }
 
 fn jwt(sub: &str, sid: &str, jti: Option<&str>) -> String {
@@ -70,7 +50,7 @@ async fn refusal(gw: &Gateway, token: &str) -> (u16, String) {
 async fn sessions_reach_the_same_backend_on_either_replica(#[case] topo: Topo) {
     let redis = TestStore::start(topo).await.expect("redis");
     let desks = desks(3).await;
-    let (a, b) = replicas_on(&desks, &redis.spec()).await;
+    let (a, b) = scenario::replicas(&desks, &redis.spec()).await;
     let name = match topo {
         Topo::Standalone => "standalone",
         Topo::Cluster => "cluster",
@@ -122,7 +102,7 @@ async fn sessions_reach_the_same_backend_on_either_replica(#[case] topo: Topo) {
 async fn concurrent_first_connections_for_one_sid_agree_on_one_backend(#[case] topo: Topo) {
     let redis = TestStore::start(topo).await.expect("redis");
     let desks = desks(3).await;
-    let (a, b) = replicas_on(&desks, &redis.spec()).await;
+    let (a, b) = scenario::replicas(&desks, &redis.spec()).await;
     let token = jwt("alice", "contended", None);
     let attempts = (0..50).map(|i| {
         let gw = if i % 2 == 0 { &a } else { &b };
@@ -144,7 +124,7 @@ async fn concurrent_first_connections_for_one_sid_agree_on_one_backend(#[case] t
 async fn owner_binding_kick_and_revoke_work_across_replicas(#[case] topo: Topo) {
     let redis = TestStore::start(topo).await.expect("redis");
     let desks = desks(2).await;
-    let (a, b) = replicas_on(&desks, &redis.spec()).await;
+    let (a, b) = scenario::replicas(&desks, &redis.spec()).await;
 
     let mut alice = open(&a, &jwt("alice", "shared", Some("jti-alice"))).await;
     assert_eq!(

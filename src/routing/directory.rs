@@ -425,13 +425,14 @@ impl Directory {
     }
 
     fn apply(&self, config: &Config, health: &Health, view: BoardView) {
-        // Drain marks: set where newly marked, cleared where the mark is gone.
+        // Drain marks: set where newly marked, cleared where the mark is gone. Logged once
+        // applied (below): whoever acts on the line finds the backend drained.
         let before = self.drained_set().clone();
-        for key in view.drained.symmetric_difference(&before) {
-            let draining = view.drained.contains(key);
-            tracing::info!(event = "backend_drain", pool = %key.pool, backend = %key.name,
-                draining, "backend {} draining={draining} (cluster-wide)", key.name);
-        }
+        let drain_changes: Vec<(BackendKey, bool)> = view
+            .drained
+            .symmetric_difference(&before)
+            .map(|key| (key.clone(), view.drained.contains(key)))
+            .collect();
         *self.drained_set() = view.drained.clone();
         for state in health.all() {
             state.set_draining(
@@ -491,6 +492,10 @@ impl Directory {
             replicas: view.replicas,
             fresh: true,
         }));
+        for (key, draining) in drain_changes {
+            tracing::info!(event = "backend_drain", pool = %key.pool, backend = %key.name,
+                draining, "backend {} draining={draining} (cluster-wide)", key.name);
+        }
     }
 
     /// Forget token-named backends with no session (a sandbox that ended); update the gauge.

@@ -94,15 +94,19 @@ return ARGV[4 + best]
     )
 });
 
-/// Move one count of this replica's; a count that reaches zero is removed.
+/// Move one count of this replica's; a count that reaches zero is removed. The replica's entry
+/// is renewed too: a replica that has not synced yet (it just started) counts at once.
 static ADD: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local n = redis.call('HINCRBY', KEYS[1], ARGV[1], ARGV[2])
 if n <= 0 then
   redis.call('HDEL', KEYS[1], ARGV[1])
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[4])
 return n
 "#,
     )
@@ -217,13 +221,15 @@ impl BackendBoard for RedisStore {
         key: &BackendKey,
         delta: i64,
     ) -> Result<(), StoreError> {
-        let load = self.load_key(replica);
+        let (load, replicas) = (self.load_key(replica), self.board_key("replicas"));
         let field = field(key);
         self.op("board_count", |mut c| async move {
             ADD.key(&load)
+                .key(&replicas)
                 .arg(&field)
                 .arg(delta)
                 .arg(ttl_ms())
+                .arg(replica)
                 .invoke_async::<i64>(&mut c)
                 .await
                 .map(|_| ())
