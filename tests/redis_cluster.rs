@@ -115,12 +115,10 @@ async fn catch_up_queries_span_every_slot() {
     };
     let store = RedisStore::new(topology, "vncgate:", metrics).expect("store");
     tokio::spawn(Arc::clone(&store).run(Arc::new(NoReplica)));
-    // Awaiting the supervisor's first connection (milliseconds); the deadline is a guard.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !store.is_up() {
-        assert!(Instant::now() < deadline, "store never connected");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // The supervisor's first connection (milliseconds); the deadline is a guard.
+    tokio::time::timeout(Duration::from_secs(30), store.wait_up())
+        .await
+        .expect("store never connected");
 
     let sids: Vec<String> = (0..200).map(|i| format!("sid-{i}")).collect();
     let jtis: Vec<String> = (0..200).map(|i| format!("jti-{i}")).collect();

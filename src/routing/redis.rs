@@ -161,6 +161,13 @@ impl RedisStore {
         format!("{}events", self.prefix)
     }
 
+    /// Resolves once the store counts as up (the supervisor's first connection, or the next
+    /// after an outage).
+    pub async fn wait_up(&self) {
+        let mut up = self.up.subscribe();
+        let _ = up.wait_for(|up| *up).await;
+    }
+
     fn connection(&self) -> Option<Conn> {
         self.conn.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
