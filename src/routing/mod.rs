@@ -50,6 +50,14 @@ pub enum RoutingError {
     NothingToJoin,
 }
 
+/// The pool a placement is for, with the config it comes from.
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    config: &'a Config,
+    name: &'a str,
+    pool: &'a PoolConfig,
+}
+
 /// Where a session goes.
 #[derive(Debug, Clone)]
 pub struct Placement {
@@ -175,6 +183,11 @@ impl Router {
         let pool = config
             .pool(pool_name)
             .ok_or_else(|| RoutingError::PoolUnknown(pool_name.to_owned()))?;
+        let target = Target {
+            config,
+            name: pool_name,
+            pool,
+        };
         let sid = claims.session_id();
         let (existing, degraded) = match self.store.get(sid).await {
             Ok(Some(pin)) => {
@@ -192,10 +205,7 @@ impl Router {
             if pin.owner != claims.sub && claims.share.is_none() {
                 return Err(RoutingError::OwnedByOtherUser);
             }
-            if let Some(placement) = self
-                .reuse(config, pool_name, pool, &pin, claims, degraded)
-                .await?
-            {
+            if let Some(placement) = self.reuse(target, &pin, claims, degraded).await? {
                 return Ok(placement);
             }
         } else if claims.share.is_some() {
@@ -203,9 +213,7 @@ impl Router {
             // the real owner out.
             return Err(RoutingError::NothingToJoin);
         }
-        let (chosen, mine, held) = self
-            .pin_new(config, sid, pool_name, pool, claims, stale, degraded)
-            .await?;
+        let (chosen, mine, held) = self.pin_new(target, sid, claims, stale, degraded).await?;
         if held.owner != claims.sub && claims.share.is_none() {
             return Err(RoutingError::OwnedByOtherUser);
         }
@@ -222,7 +230,7 @@ impl Router {
             });
         }
         // A concurrent first connection claimed another backend first: follow it.
-        self.reuse(config, pool_name, pool, &held, claims, degraded)
+        self.reuse(target, &held, claims, degraded)
             .await?
             .ok_or_else(|| RoutingError::BackendUnavailable(held.backend.clone()))
     }
@@ -230,20 +238,15 @@ impl Router {
     /// Choose a backend for a session without a usable pin and pin it: returns the choice, the
     /// pin made for it, and the pin that holds afterwards (another one when a concurrent first
     /// connection won).
-    #[allow(clippy::too_many_arguments)]
     async fn pin_new(
         &self,
-        config: &Config,
+        target: Target<'_>,
         sid: &str,
-        pool_name: &str,
-        pool: &PoolConfig,
         claims: &Claims,
         stale: bool,
         degraded: bool,
     ) -> Result<(Placement, Pin, Pin), RoutingError> {
-        let mut chosen = self
-            .choose(config, pool_name, pool, claims, degraded)
-            .await?;
+        let mut chosen = self.choose(target, claims, degraded).await?;
         let mut mine = new_pin(&chosen, claims);
         if stale {
             // The pin's backend left the config: overwrite it (a claim would hand it back).
@@ -269,7 +272,7 @@ impl Router {
                     // The store did not confirm the claim (it may or may not hold a pin now):
                     // place as while it is away, by rendezvous, which a replica in the same
                     // position computes alike, rather than by this replica's loads.
-                    chosen = self.choose(config, pool_name, pool, claims, true).await?;
+                    chosen = self.choose(target, claims, true).await?;
                     mine = new_pin(&chosen, claims);
                 }
                 self.claim_locally(sid, mine.clone()).await
@@ -391,21 +394,23 @@ impl Router {
     /// backend left the config, or failover re-pins away from a dead one).
     async fn reuse(
         &self,
-        config: &Config,
-        pool_name: &str,
-        pool: &PoolConfig,
+        target: Target<'_>,
         pin: &Pin,
         claims: &Claims,
         degraded: bool,
     ) -> Result<Option<Placement>, RoutingError> {
+        let Target {
+            name: pool_name,
+            pool,
+            ..
+        } = target;
         if pin.pool != pool_name {
             return Err(RoutingError::BackendNotAllowed);
         }
         if claims.backend.as_ref().is_some_and(|b| *b != pin.backend) {
             return Err(RoutingError::BackendNotAllowed);
         }
-        let Some((backend, state)) = self.backend(config, pool_name, pool, &pin.backend).await
-        else {
+        let Some((backend, state)) = self.backend(target, &pin.backend).await else {
             // A registered backend that was removed: its sessions go elsewhere only where the
             // pool fails over (a sandbox's session has nowhere else to go).
             if matches!(pool.discovery, Discovery::Registry { .. }) && !pool.failover {
@@ -426,9 +431,7 @@ impl Router {
         if !pool.failover || claims.backend.is_some() {
             return Err(RoutingError::BackendUnavailable(backend.name.clone()));
         }
-        let chosen = self
-            .choose(config, pool_name, pool, claims, degraded)
-            .await?;
+        let chosen = self.choose(target, claims, degraded).await?;
         let now = store::unix_ms();
         let repin = Pin {
             backend: chosen.backend.name.clone(),
@@ -453,11 +456,14 @@ impl Router {
     /// A backend of the pool by name: configured, registered, or (dns) named by the token.
     async fn backend(
         &self,
-        config: &Config,
-        pool_name: &str,
-        pool: &PoolConfig,
+        target: Target<'_>,
         name: &str,
     ) -> Option<(BackendConfig, Arc<BackendState>)> {
+        let Target {
+            config,
+            name: pool_name,
+            pool,
+        } = target;
         match &pool.discovery {
             Discovery::Static => {
                 let backend = pool.backends.iter().find(|b| b.name == name)?;
@@ -483,11 +489,12 @@ impl Router {
     }
 
     /// The backends a new session of the pool may go to, before health and drain.
-    fn candidates(
-        &self,
-        pool_name: &str,
-        pool: &PoolConfig,
-    ) -> Vec<(BackendConfig, Arc<BackendState>)> {
+    fn candidates(&self, target: Target<'_>) -> Vec<(BackendConfig, Arc<BackendState>)> {
+        let Target {
+            name: pool_name,
+            pool,
+            ..
+        } = target;
         match &pool.discovery {
             Discovery::Static => {
                 let health = self.health.load();
@@ -514,12 +521,11 @@ impl Router {
     /// and use the rendezvous hash alone, which every replica computes the same.
     async fn choose(
         &self,
-        config: &Config,
-        pool_name: &str,
-        pool: &PoolConfig,
+        target: Target<'_>,
         claims: &Claims,
         degraded: bool,
     ) -> Result<Placement, RoutingError> {
+        let pool_name = target.name;
         let placement = |(backend, state): (BackendConfig, Arc<BackendState>)| Placement {
             pool: pool_name.to_owned(),
             backend,
@@ -531,13 +537,13 @@ impl Router {
         // A draining backend keeps its pinned sessions but takes no new ones.
         let usable = |s: &BackendState| s.is_up() && !s.is_draining();
         if let Some(name) = &claims.backend {
-            return match self.backend(config, pool_name, pool, name).await {
+            return match self.backend(target, name).await {
                 Some(found) if usable(&found.1) => Ok(placement(found)),
                 _ => Err(RoutingError::BackendUnavailable(name.clone())),
             };
         }
         let mut healthy: Vec<(BackendConfig, Arc<BackendState>)> = self
-            .candidates(pool_name, pool)
+            .candidates(target)
             .into_iter()
             .filter(|(_, s)| usable(s))
             .collect();
