@@ -55,6 +55,17 @@ pub enum Command {
     Token(TokenArgs),
     /// Zero-setup local run: in-memory store, fresh secret, plain listener, one backend.
     Demo(crate::demo::DemoArgs),
+    /// Session recordings (contract §12).
+    #[command(subcommand)]
+    Recording(RecordingCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RecordingCommand {
+    /// Check that FILE is a well-formed FBS recording with its handshake: exit 0 and print
+    /// duration, bytes, blocks, the desktop's size and name and whether it is incomplete, or
+    /// exit 1 with the reason.
+    Verify { file: PathBuf },
 }
 
 #[derive(clap::Args, Debug)]
@@ -81,6 +92,9 @@ pub struct TokenArgs {
     /// Narrow the pool's clipboard policy.
     #[arg(long, value_enum)]
     clipboard: Option<crate::auth::claims::ClipboardClaim>,
+    /// Ask for the session to be recorded (`recording.when: claim`).
+    #[arg(long)]
+    record: bool,
 }
 
 impl TokenArgs {
@@ -99,6 +113,7 @@ impl TokenArgs {
             jti: self.jti,
             share: self.share,
             clipboard: self.clipboard,
+            record: self.record,
         }
     }
 }
@@ -109,7 +124,9 @@ pub fn main() -> i32 {
         // Help and version go to stdout in full; a usage error is one line on stderr
         // (contract §1), the rest of clap's rendering (usage, hints) dropped.
         Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
-            eprintln!("error: a command is required: run, check-config, token, demo (see --help)");
+            eprintln!(
+                "error: a command is required: run, check-config, token, demo, recording (see --help)"
+            );
             return EXIT_USAGE;
         }
         Err(e) if e.use_stderr() => {
@@ -207,6 +224,18 @@ pub fn main() -> i32 {
             }
         }
         Command::Demo(args) => crate::demo::run(args),
+        Command::Recording(RecordingCommand::Verify { file }) => {
+            match crate::recording::verify::verify_file(&file) {
+                Ok(report) => {
+                    println!("{report}");
+                    EXIT_OK
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    EXIT_RUNTIME
+                }
+            }
+        }
     }
 }
 

@@ -20,6 +20,8 @@
 //! - [`sessions`]: the registry of live sessions and their control handles, so drain, kick,
 //!   revocation and expiry reach each one; [`control`] carries kicks and revocations to every
 //!   replica.
+//! - [`recording`]: session recordings (FBS files plus a `.jsonl` audit beside them), written by
+//!   a task per recording so the relay never waits on the disk; retention and `recording verify`.
 //! - [`metrics`] and [`telemetry`]: the contract's Prometheus metrics and JSON logs.
 //! - [`config`]: file schema, validation with key paths, and the resolved [`config::Config`].
 //! - [`server`]: builds Pingora's `Server` from the config and runs it; [`cli`] is the command line.
@@ -34,6 +36,7 @@ pub mod demo;
 pub mod gateway;
 pub mod metrics;
 pub mod readiness;
+pub mod recording;
 pub mod rfb;
 pub mod routing;
 pub mod server;

@@ -106,6 +106,9 @@ pub struct Metrics {
     /// Not in the contract's table (additions): `vncgate_store_topology`,
     /// `vncgate_store_master_up`, `vncgate_store_nodes_reachable` (store.topology, §13).
     pub store_topology: crate::routing::redis::topology::TopologyMetrics,
+    /// `vncgate_recordings_active`, `vncgate_recording_bytes_total`,
+    /// `vncgate_recording_dropped_total` (contract §8, §12).
+    pub recording: crate::recording::RecordingMetrics,
 }
 
 fn hist(name: &str, help: &str, buckets: &[f64]) -> HistogramOpts {
@@ -152,6 +155,7 @@ impl Metrics {
             message_budget_exhausted_total.clone(),
         ));
         let m = Metrics {
+            recording: crate::recording::RecordingMetrics::register(&registry)?,
             store_topology: crate::routing::redis::topology::TopologyMetrics::register(
                 &registry, config,
             )?,

@@ -29,8 +29,8 @@ use crate::routing::redis::RedisStore;
 use crate::routing::resolve::Resolver;
 use crate::routing::{Health, MemoryStore, Router, SessionStore};
 use crate::services::{
-    Announcer, BoardSync, CLOSE_GRACE, Drain, HealthChecks, JwksRefresh, MemoryTrim, Reloader,
-    StoreSupervisor,
+    Announcer, BoardSync, CLOSE_GRACE, Drain, HealthChecks, JwksRefresh, MemoryTrim,
+    RecordingRetention, Reloader, StoreSupervisor,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -191,6 +191,10 @@ pub fn run(config: Config, opts: RunOptions) -> Result<(), StartError> {
     server.add_service(background_service(
         "health-checks",
         HealthChecks(Arc::clone(&gw)),
+    ));
+    server.add_service(background_service(
+        "recording-retention",
+        RecordingRetention(Arc::clone(&gw)),
     ));
     server.add_service(background_service(
         "backend-board",

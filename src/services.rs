@@ -63,6 +63,54 @@ impl BackgroundService for BoardSync {
     }
 }
 
+/// Deletes recordings past `recording.retention_days`: at start, then hourly (day directories
+/// are the unit, so an hour late is at most an hour of extra disk). Reads the config at each
+/// sweep, so a reload that turns recording on or changes the retention applies.
+pub struct RecordingRetention(pub Arc<Gateway>);
+
+const RETENTION_SWEEP_EVERY: Duration = Duration::from_secs(3600);
+
+#[async_trait]
+impl BackgroundService for RecordingRetention {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(RETENTION_SWEEP_EVERY);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            let recording = self.0.config().recording.clone();
+            let Some(dir) = recording.dir else {
+                continue;
+            };
+            let days = recording.retention_days;
+            let swept = tokio::task::spawn_blocking(move || {
+                crate::recording::retention::sweep(&dir, days, std::time::SystemTime::now())
+            })
+            .await;
+            match swept {
+                Ok(Ok(removed)) if !removed.is_empty() => {
+                    tracing::info!(
+                        event = "recordings_swept",
+                        removed = removed.len(),
+                        retention_days = days,
+                        "old recordings removed"
+                    );
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(event = "recordings_sweep_failed", error = %e,
+                        "could not sweep the recordings directory");
+                }
+                Err(e) => {
+                    tracing::warn!(event = "recordings_sweep_failed", error = %e,
+                        "the recordings sweep did not finish");
+                }
+            }
+        }
+    }
+}
+
 pub struct JwksRefresh(pub Arc<Gateway>);
 
 #[async_trait]

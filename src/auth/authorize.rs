@@ -50,6 +50,11 @@ pub fn authorize(claims: &Claims, config: &Config) -> Result<(), AuthError> {
     // Fail closed: a transparent pool relays the browser's input untouched, so a token that
     // limits input or the clipboard would be a promise the gateway cannot keep.
     if pool.rfb.mode == RfbMode::Transparent {
+        // A recording needs the ServerInit and a delimited stream, which only terminate mode
+        // has: a token asking for one is refused rather than served unrecorded.
+        if config.recording.dir.is_some() && claims.record {
+            return Err(AuthError::ViewOnlyUnenforceable("recording"));
+        }
         if claims.starts_view_only() {
             return Err(AuthError::ViewOnlyUnenforceable("view-only"));
         }

@@ -30,6 +30,9 @@ pub struct Claims {
     /// Joins a session another `sub` owns (contract §11).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub share: Option<Share>,
+    /// Asks for this connection to be recorded (contract §12, `recording.when: claim`).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub record: bool,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]

@@ -18,6 +18,7 @@ pub struct TokenRequest {
     pub jti: Option<String>,
     pub share: Option<super::claims::Share>,
     pub clipboard: Option<super::claims::ClipboardClaim>,
+    pub record: bool,
     /// Set from `auth.issuer` / `auth.audience`, so a minted token passes the gateway's checks.
     pub iss: Option<String>,
     pub aud: Option<String>,
@@ -49,6 +50,7 @@ pub fn mint_hs256(
         jti: req.jti.clone(),
         clipboard: req.clipboard,
         share: req.share,
+        record: req.record,
     };
     encode(
         &Header::new(Algorithm::HS256),

@@ -11,6 +11,7 @@ use tokio::sync::watch;
 
 use super::{CloseCode, EndReason};
 use crate::metrics::Metrics;
+use crate::recording::recorder::RecordingHandle;
 use crate::rfb::PixelFormat;
 use crate::rfb::client_msg::{ClientError, ClientFilter, ClientReport, Kept};
 use crate::rfb::policy::{Clipboard, InputKind, Policy};
@@ -24,6 +25,8 @@ type PixelFormatSlot = Arc<Mutex<Option<PixelFormat>>>;
 pub struct RfbFilters {
     pub(super) inbound: Inbound,
     pub(super) outbound: Option<Outbound>,
+    /// Gets every server byte the client is sent, after the filter (see [`crate::recording`]).
+    pub(super) recording: Option<RecordingHandle>,
 }
 
 impl RfbFilters {
@@ -34,6 +37,7 @@ impl RfbFilters {
         max_message_bytes: usize,
         leftover: Bytes,
         metrics: &Metrics,
+        recording: Option<RecordingHandle>,
     ) -> RfbFilters {
         let slot: PixelFormatSlot = Arc::new(Mutex::new(None));
         let policy = Policy {
@@ -65,6 +69,7 @@ impl RfbFilters {
                     .with_label_values(&["client_to_backend"]),
             },
             outbound,
+            recording,
         }
     }
 }

@@ -169,9 +169,9 @@ where
     // A peer that neither answers a ping nor accepts a byte for this long is treated as dead
     // (half-open sockets never error on their own).
     let dead_after = limits.ping_interval + limits.pong_timeout;
-    let (mut inbound, mut outbound) = match rfb {
-        Some(f) => (Some(f.inbound), f.outbound),
-        None => (None, None),
+    let (mut inbound, mut outbound, recording) = match rfb {
+        Some(f) => (Some(f.inbound), f.outbound, f.recording),
+        None => (None, None, None),
     };
 
     let client_to_backend = async {
@@ -261,6 +261,11 @@ where
                         },
                         (chunk, _) => chunk,
                     };
+                    // A recorded session is never spliced: every chunk is a copy. Handing it
+                    // over never waits for the disk (the recorder drops what it cannot queue).
+                    if let (Some(rec), Chunk::Copied(data)) = (&recording, &chunk) {
+                        rec.server_data(data);
+                    }
                     let n = chunk.len();
                     let spliced = matches!(chunk, Chunk::Piped(_));
                     let held = Held::new(&meters.buffered, n);

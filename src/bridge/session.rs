@@ -6,6 +6,8 @@
 //! gateway, so the arrows run gateway -> bridge -> rfb.
 
 use std::any::Any;
+
+use crate::recording::recorder::{Recorder, RecordingHandle};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -44,6 +46,9 @@ pub struct SessionSettings {
     pub expires_in: Option<Duration>,
     /// The effective clipboard policy (pool ceiling narrowed by the claim); terminate mode.
     pub clipboard: Clipboard,
+    /// Set when this connection is to be recorded (terminate mode only: the recording starts
+    /// with the ServerInit the browser got).
+    pub recorder: Option<Recorder>,
 }
 
 /// The process-wide handles a session reports to.
@@ -135,6 +140,8 @@ pub async fn serve(start: SessionStart) {
             backend,
             Relay {
                 settings: &settings,
+                sid: &sid,
+                conn_id,
                 meters: &meters,
                 control,
                 policy,
@@ -205,6 +212,9 @@ pub async fn serve(start: SessionStart) {
 /// What the relay of one session works with, besides its two connections.
 struct Relay<'a> {
     settings: &'a SessionSettings,
+    /// The session and connection ids a recording is filed under.
+    sid: &'a str,
+    conn_id: u64,
     meters: &'a Meters,
     control: Control,
     policy: Policy,
@@ -233,11 +243,15 @@ async fn relay(
     let max_message = settings.max_message_bytes;
     // Splicing moves backend bytes from a TCP socket without looking at them: only where
     // nothing needs to read the server stream (a clipboard policy that stops ServerCutText does).
-    let spliceable = match &backend {
-        Backend::Tcp(_) => true,
-        Backend::Rfb(handshaken) => handshaken.over_plain_tcp() && !policy.delimits_server_stream(),
-        Backend::WebSocket(_) => false,
-    };
+    // A recorded session's server bytes are copied into the recording: none can be spliced.
+    let spliceable = settings.recorder.is_none()
+        && match &backend {
+            Backend::Tcp(_) => true,
+            Backend::Rfb(handshaken) => {
+                handshaken.over_plain_tcp() && !policy.delimits_server_stream()
+            }
+            Backend::WebSocket(_) => false,
+        };
     let taken = if spliceable {
         ClientSocket::take(client)
     } else {
@@ -277,6 +291,8 @@ where
 {
     let Relay {
         settings,
+        sid,
+        conn_id,
         meters,
         control,
         policy,
@@ -316,6 +332,18 @@ where
             meters.client_to_backend_bytes.inc_by(served.bytes_in);
             meters.backend_to_client_bytes.inc_by(served.bytes_out);
             let handshake = (served.bytes_in, served.bytes_out);
+            let recording = settings
+                .recorder
+                .as_ref()
+                .and_then(|r| r.start(sid, conn_id, &served.server_init.bytes));
+            if let Some(rec) = &recording {
+                rec.event(serde_json::json!({
+                    "event": "session_started",
+                    "session_id": sid,
+                    "conn_id": conn_id,
+                    "view_only": *control.view_only.borrow(),
+                }));
+            }
             let filters = RfbFilters::new(
                 policy.clipboard,
                 control.view_only,
@@ -323,6 +351,7 @@ where
                 settings.max_message_bytes,
                 served.leftover,
                 metrics,
+                recording.clone(),
             );
             let outcome = match served.backend {
                 BackendStream::Plain(Transport::Tcp(tcp)) => {
@@ -345,6 +374,7 @@ where
                     super::run(ws, r, w, limits, meters, control.close, None, Some(filters)).await
                 }
             };
+            finish_recording(recording.as_ref(), &outcome);
             Outcome {
                 bytes_in: outcome.bytes_in + handshake.0,
                 bytes_out: outcome.bytes_out + handshake.1,
@@ -352,6 +382,24 @@ where
             }
         }
     }
+}
+
+/// The session's end in its audit file, then the recording closed (its files are fsync'd by
+/// the writer task, off the session's path).
+fn finish_recording(recording: Option<&RecordingHandle>, outcome: &Outcome) {
+    let Some(rec) = recording else {
+        return;
+    };
+    let code = outcome.end.code().as_u16();
+    rec.event(serde_json::json!({
+        "event": "session_ended",
+        "close_code": code,
+        "closed_by": match outcome.end {
+            EndReason::Client(_) => "client",
+            EndReason::Gateway(_) => "gateway",
+        },
+    }));
+    rec.finish(&format!("close_{code}"));
 }
 
 /// The browser's side of the RFB handshake failed: close with the code that says why.

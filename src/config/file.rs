@@ -29,6 +29,7 @@ pub(super) struct RawConfig {
     pub pools: Option<OrderedMap<RawPool>>,
     pub limits: Option<RawLimits>,
     pub logging: Option<RawLogging>,
+    pub recording: Option<RawRecording>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -174,6 +175,17 @@ pub(super) struct RawLimits {
 pub(super) struct RawLogging {
     pub format: Option<String>,
     pub level: Option<String>,
+}
+
+/// `recording:` (contract §12).
+#[derive(Debug, Default, Deserialize)]
+#[serde(expecting = "a mapping")]
+pub(super) struct RawRecording {
+    pub dir: Option<String>,
+    pub when: Option<String>,
+    pub input: Option<String>,
+    pub max_bytes_per_session: Option<u64>,
+    pub retention_days: Option<u64>,
 }
 
 /// A YAML mapping kept as written: in file order (so errors follow the file) and with duplicate
@@ -343,6 +355,7 @@ fn expected_fields(shape: &str) -> Option<&'static [&'static str]> {
         "pools.*.backends[]" => fields_of::<RawBackend>(),
         "limits" => fields_of::<RawLimits>(),
         "logging" => fields_of::<RawLogging>(),
+        "recording" => fields_of::<RawRecording>(),
         _ => return None,
     })
 }

@@ -57,6 +57,8 @@ pub struct Config {
     pub pools: BTreeMap<String, PoolConfig>,
     pub limits: Limits,
     pub logging: LoggingConfig,
+    /// `recording:` (contract §12); `dir: None` = recording off.
+    pub recording: RecordingConfig,
     /// Hash of the YAML text (hex xxh3), for `vncgate_config_info{hash}` and reload logs.
     pub hash: String,
 }
@@ -344,6 +346,50 @@ pub enum LogFormat {
 pub struct LoggingConfig {
     pub format: LogFormat,
     pub level: String,
+}
+
+/// When a connection is recorded (`recording.when`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordWhen {
+    /// Every connection.
+    Always,
+    /// Only connections whose token carries `record: true`.
+    Claim,
+}
+
+/// What the `.jsonl` audit file holds besides session events (`recording.input`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RecordInput {
+    None,
+    /// Pointer clicks with coordinates.
+    Pointer,
+    /// Pointer clicks and keys.
+    Keys,
+}
+
+#[derive(Debug, Clone)]
+pub struct RecordingConfig {
+    /// Where recordings go; `None` = recording off.
+    pub dir: Option<PathBuf>,
+    pub when: RecordWhen,
+    pub input: RecordInput,
+    /// Server->client bytes written to one connection's `.fbs` at most; beyond it the
+    /// recording stops (marked incomplete, reason `max_bytes`) while the session goes on.
+    pub max_bytes_per_session: u64,
+    /// Day directories older than this are removed by the retention sweep.
+    pub retention_days: u32,
+}
+
+impl Default for RecordingConfig {
+    fn default() -> Self {
+        RecordingConfig {
+            dir: None,
+            when: RecordWhen::Claim,
+            input: RecordInput::Pointer,
+            max_bytes_per_session: 1 << 30,
+            retention_days: 30,
+        }
+    }
 }
 
 impl Config {

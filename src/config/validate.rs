@@ -11,14 +11,15 @@ use std::time::Duration;
 
 use super::file::{
     OrderedMap, RawAdmin, RawAuth, RawBackend, RawConfig, RawDiscovery, RawLimits, RawListener,
-    RawLogging, RawPool, RawServer, RawStore,
+    RawLogging, RawPool, RawRecording, RawServer, RawStore,
 };
 #[path = "validate_rfb.rs"]
 mod rfb;
 use super::{
     AdminConfig, Algorithm, AuthConfig, BackendAddr, BackendConfig, BackendProtocol, Config,
     Discovery, Limits, ListenerConfig, LogFormat, LoggingConfig, NamePattern, OnExpiry, PoolConfig,
-    RedisTopology, RfbCredentials, Secret, ServerSettings, StoreConfig, StoreKind, TlsFiles,
+    RecordInput, RecordWhen, RecordingConfig, RedisTopology, RfbCredentials, Secret,
+    ServerSettings, StoreConfig, StoreKind, TlsFiles,
 };
 
 /// One problem in the config, tied to the key it concerns (empty when it concerns the whole file).
@@ -163,6 +164,18 @@ pub(super) fn resolve(raw: RawConfig, env: Environment<'_>) -> Result<Config, Co
     let pools = resolve_pools(&mut p, env, raw.pools.unwrap_or(OrderedMap(Vec::new())));
     let limits = resolve_limits(&mut p, raw.limits.unwrap_or_default());
     let logging = resolve_logging(&mut p, raw.logging.unwrap_or_default());
+    let recording = resolve_recording(&mut p, env, raw.recording.unwrap_or_default());
+    if recording.dir.is_some() && recording.when == super::RecordWhen::Always {
+        // Every session is to be recorded, and a transparent pool's cannot be.
+        for (name, pool) in &pools {
+            if pool.rfb.mode == super::RfbMode::Transparent {
+                p.add(
+                    "recording.when",
+                    format!("always cannot record pool {name}: it has rfb.mode transparent"),
+                );
+            }
+        }
+    }
 
     if !p.0.is_empty() {
         return Err(ConfigErrors(p.0));
@@ -178,6 +191,7 @@ pub(super) fn resolve(raw: RawConfig, env: Environment<'_>) -> Result<Config, Co
         pools,
         limits,
         logging,
+        recording,
         hash: String::new(),
     })
 }
@@ -1038,6 +1052,72 @@ fn resolve_logging(p: &mut Problems, raw: RawLogging) -> LoggingConfig {
         );
     }
     LoggingConfig { format, level }
+}
+
+/// `recording:` (contract §12). The directory need not exist yet (the recorder creates it),
+/// but where it exists it must be a directory.
+fn resolve_recording(p: &mut Problems, env: Environment<'_>, raw: RawRecording) -> RecordingConfig {
+    let defaults = RecordingConfig::default();
+    let dir = match raw.dir {
+        None => None,
+        Some(dir) if dir.is_empty() => {
+            p.add(
+                "recording.dir",
+                "must not be empty (use null to turn recording off)",
+            );
+            None
+        }
+        Some(dir) => {
+            if env.reads_files()
+                && let Ok(meta) = std::fs::metadata(&dir)
+                && !meta.is_dir()
+            {
+                p.add("recording.dir", format!("not a directory {dir:?}"));
+            }
+            Some(PathBuf::from(dir))
+        }
+    };
+    let when = one_of(
+        p,
+        "recording.when",
+        raw.when,
+        defaults.when,
+        &[("always", RecordWhen::Always), ("claim", RecordWhen::Claim)],
+    );
+    let input = one_of(
+        p,
+        "recording.input",
+        raw.input,
+        defaults.input,
+        &[
+            ("none", RecordInput::None),
+            ("pointer", RecordInput::Pointer),
+            ("keys", RecordInput::Keys),
+        ],
+    );
+    // At least one ServerInit-sized update; at most 1 TiB, far beyond any one session.
+    let max_bytes_per_session = bounded(
+        p,
+        "recording.max_bytes_per_session",
+        raw.max_bytes_per_session,
+        defaults.max_bytes_per_session,
+        4096..=(1 << 40),
+    );
+    // Zero would delete today's recordings as they are written; a century is "keep".
+    let retention_days = bounded(
+        p,
+        "recording.retention_days",
+        raw.retention_days,
+        u64::from(defaults.retention_days),
+        1..=36500,
+    );
+    RecordingConfig {
+        dir,
+        when,
+        input,
+        max_bytes_per_session,
+        retention_days: u32::try_from(retention_days).unwrap_or(defaults.retention_days),
+    }
 }
 
 /// One `redis://` or `rediss://` URL from the variable `name`. The URL may carry a password, so

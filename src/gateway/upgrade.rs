@@ -108,6 +108,15 @@ fn session_start(gw: &Arc<Gateway>, upgraded: Upgraded, conn_id: u64) -> Session
         Some(claim) => pool_clipboard.narrow(claim.into()),
         None => pool_clipboard,
     };
+    // Built per session from the config it started under (a reload applies to new sessions);
+    // a recorder is a few settings and handles, its writer task starts with the recording.
+    let recorder = crate::recording::recorder::Recorder::new(
+        config.recording.clone(),
+        gw.metrics.recording.clone(),
+    );
+    let recorder = recorder
+        .should_record(admitted.claims.record)
+        .then_some(recorder);
     SessionStart {
         created_pin: admitted.placement.created.clone(),
         conn_id,
@@ -130,6 +139,7 @@ fn session_start(gw: &Arc<Gateway>, upgraded: Upgraded, conn_id: u64) -> Session
             max_message_bytes: limits.max_message_bytes,
             expires_in,
             clipboard,
+            recorder,
         },
         held: Box::new(admitted.held),
         env: SessionEnv {

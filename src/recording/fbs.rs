@@ -1,0 +1,349 @@
+//! FBS 001.000, the "framebuffer stream" format of RFB proxies and players (noVNC's recordings,
+//! rfbproxy, vnc2flv): the header `FBS 001.000\n`, then blocks of a u32 big-endian data length,
+//! the data padded with zeros to a multiple of 4, and a u32 big-endian timestamp in
+//! milliseconds since the start. The data of the blocks, concatenated, is what a client read
+//! from the server: an RFB 3.3 security-None handshake, then the server's messages.
+//!
+//! Hand-written because no maintained crate writes (or validates) FBS; the format is twelve
+//! bytes of header and an eight-byte frame, smaller than an adapter to anything else would be.
+
+use std::io::{self, Read};
+
+/// The file header.
+pub const HEADER: &[u8; 12] = b"FBS 001.000\n";
+/// The protocol version a recording presents to its player.
+pub const RFB_VERSION: &[u8; 12] = b"RFB 003.003\n";
+/// RFB 3.3 security type None, as the server sends it (a u32).
+pub const SECURITY_NONE: [u8; 4] = [0, 0, 0, 1];
+/// Bounds the ServerInit's desktop name, as the gateway's own handshake does.
+const MAX_NAME_LEN: usize = 64 * 1024;
+const SERVER_INIT_HEAD: usize = 24;
+
+/// One block, framed: length, data, zero padding, timestamp.
+pub fn encode_block(out: &mut Vec<u8>, data: &[u8], ms: u32) {
+    // A block longer than u32 cannot be framed; callers pass relay chunks (kilobytes).
+    let len = u32::try_from(data.len()).unwrap_or(u32::MAX);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&data[..len as usize]);
+    out.resize(out.len() + padding(len as usize), 0);
+    out.extend_from_slice(&ms.to_be_bytes());
+}
+
+fn padding(len: usize) -> usize {
+    (4 - len % 4) % 4
+}
+
+/// The start of every recording: the header and the handshake blocks at time 0.
+pub fn prologue(server_init: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + server_init.len());
+    out.extend_from_slice(HEADER);
+    encode_block(&mut out, RFB_VERSION, 0);
+    encode_block(&mut out, &SECURITY_NONE, 0);
+    encode_block(&mut out, server_init, 0);
+    out
+}
+
+/// The parts of a ServerInit a report shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerInitInfo {
+    pub width: u16,
+    pub height: u16,
+    pub name: String,
+}
+
+/// Parse a ServerInit (width, height, 16-byte pixel format, name): `Ok(None)` while more bytes
+/// are needed, an error when what is there cannot be one.
+fn parse_server_init(bytes: &[u8]) -> Result<Option<(ServerInitInfo, usize)>, FbsError> {
+    if bytes.len() < SERVER_INIT_HEAD {
+        return Ok(None);
+    }
+    let name_len = u32::from_be_bytes([bytes[20], bytes[21], bytes[22], bytes[23]]) as usize;
+    if name_len > MAX_NAME_LEN {
+        return Err(FbsError::ServerInit(format!(
+            "desktop name of {name_len} bytes"
+        )));
+    }
+    let pf = &bytes[4..20];
+    // bits-per-pixel 8/16/32 and true-colour 0/1: what a player can decode.
+    if ![8, 16, 32].contains(&pf[0]) || pf[3] > 1 {
+        return Err(FbsError::ServerInit(format!(
+            "pixel format with {} bits per pixel, true-colour flag {}",
+            pf[0], pf[3]
+        )));
+    }
+    let total = SERVER_INIT_HEAD + name_len;
+    if bytes.len() < total {
+        return Ok(None);
+    }
+    let info = ServerInitInfo {
+        width: u16::from_be_bytes([bytes[0], bytes[1]]),
+        height: u16::from_be_bytes([bytes[2], bytes[3]]),
+        name: String::from_utf8_lossy(&bytes[SERVER_INIT_HEAD..total]).into_owned(),
+    };
+    Ok(Some((info, total)))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FbsError {
+    #[error("cannot read: {0}")]
+    Io(#[from] io::Error),
+    #[error("not an FBS 001.000 file (bad header)")]
+    Header,
+    #[error("block {block}: timestamp {ms} ms is before the previous block's {previous} ms")]
+    Timestamp { block: u64, ms: u32, previous: u32 },
+    #[error("the RFB stream does not start with \"RFB 003.003\\n\"")]
+    Version,
+    #[error("the handshake's security type is {0}, not 1 (None)")]
+    Security(u32),
+    #[error("invalid ServerInit: {0}")]
+    ServerInit(String),
+    #[error("the file ends before the handshake is complete")]
+    ShortHandshake,
+}
+
+/// What a well-formed recording holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    /// The last block's timestamp.
+    pub duration_ms: u32,
+    /// Data bytes of every complete block (the RFB stream a player replays, handshake included).
+    pub bytes: u64,
+    /// Complete blocks.
+    pub blocks: u64,
+    pub server_init: ServerInitInfo,
+    /// The last block is cut short (the writer stopped mid-block: a crash or a full disk).
+    pub truncated: bool,
+}
+
+/// Reads `n` bytes into `buf` (cleared first); `Ok(false)` when the input ends first.
+fn read_exact_or_eof<R: Read>(r: &mut R, buf: &mut Vec<u8>, n: usize) -> io::Result<bool> {
+    buf.clear();
+    let got = r.by_ref().take(n as u64).read_to_end(buf)?;
+    Ok(got == n)
+}
+
+/// Validate a whole recording from `r` (streamed: memory stays bounded by the ServerInit).
+pub fn verify<R: Read>(r: R) -> Result<Summary, FbsError> {
+    let mut r = io::BufReader::with_capacity(64 * 1024, r);
+    let mut buf = Vec::new();
+    if !read_exact_or_eof(&mut r, &mut buf, HEADER.len())? || buf != HEADER {
+        return Err(FbsError::Header);
+    }
+    // The first bytes of the stream, kept until the handshake is parsed.
+    let mut prefix: Vec<u8> = Vec::new();
+    let mut server_init: Option<ServerInitInfo> = None;
+    let (mut blocks, mut bytes, mut last_ms) = (0u64, 0u64, 0u32);
+    let mut truncated = false;
+    let mut frame = Vec::with_capacity(4);
+    loop {
+        frame.clear();
+        let got = r.by_ref().take(4).read_to_end(&mut frame)?;
+        if got == 0 {
+            break;
+        }
+        if got < 4 {
+            truncated = true;
+            break;
+        }
+        let len = u32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]) as usize;
+        let padded = len + padding(len);
+        // Only the handshake's bytes are kept; the rest is counted and skipped.
+        let keep = if server_init.is_none() {
+            len.min(SERVER_INIT_HEAD + MAX_NAME_LEN + 16)
+        } else {
+            0
+        };
+        if !read_exact_or_eof(&mut r, &mut buf, keep)? {
+            truncated = true;
+            break;
+        }
+        let rest = (padded - keep) as u64;
+        if io::copy(&mut r.by_ref().take(rest), &mut io::sink())? < rest {
+            truncated = true;
+            break;
+        }
+        if !read_exact_or_eof(&mut r, &mut frame, 4)? {
+            truncated = true;
+            break;
+        }
+        let ms = u32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]);
+        if ms < last_ms {
+            return Err(FbsError::Timestamp {
+                block: blocks,
+                ms,
+                previous: last_ms,
+            });
+        }
+        last_ms = ms;
+        blocks += 1;
+        bytes += len as u64;
+        if server_init.is_none() {
+            prefix.extend_from_slice(&buf[..keep.min(len)]);
+            server_init = handshake(&prefix)?;
+        }
+    }
+    let Some(server_init) = server_init else {
+        // Whatever there is must at least start right, or the file is not a recording at all.
+        handshake(&prefix)?;
+        return Err(FbsError::ShortHandshake);
+    };
+    Ok(Summary {
+        duration_ms: last_ms,
+        bytes,
+        blocks,
+        server_init,
+        truncated,
+    })
+}
+
+/// The handshake at the start of the stream: `None` while more bytes are needed.
+fn handshake(prefix: &[u8]) -> Result<Option<ServerInitInfo>, FbsError> {
+    let v = prefix.len().min(RFB_VERSION.len());
+    if prefix[..v] != RFB_VERSION[..v] {
+        return Err(FbsError::Version);
+    }
+    let Some(security) = prefix.get(12..16) else {
+        return Ok(None);
+    };
+    let security = u32::from_be_bytes([security[0], security[1], security[2], security[3]]);
+    if security != 1 {
+        return Err(FbsError::Security(security));
+    }
+    Ok(parse_server_init(&prefix[16..])?.map(|(info, _)| info))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn server_init(width: u16, height: u16, name: &str) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&width.to_be_bytes());
+        b.extend_from_slice(&height.to_be_bytes());
+        b.extend_from_slice(&[32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16, 8, 0, 0, 0, 0]);
+        b.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        b.extend_from_slice(name.as_bytes());
+        b
+    }
+
+    fn recording(chunks: &[(&[u8], u32)]) -> Vec<u8> {
+        let mut out = prologue(&server_init(800, 600, "desk"));
+        for (data, ms) in chunks {
+            encode_block(&mut out, data, *ms);
+        }
+        out
+    }
+
+    #[test]
+    fn blocks_are_padded_to_four_bytes() {
+        let mut out = Vec::new();
+        encode_block(&mut out, b"abcde", 7);
+        assert_eq!(
+            out,
+            [
+                0, 0, 0, 5, b'a', b'b', b'c', b'd', b'e', 0, 0, 0, 0, 0, 0, 7
+            ]
+        );
+        out.clear();
+        encode_block(&mut out, b"abcd", 1);
+        assert_eq!(out.len(), 4 + 4 + 4);
+    }
+
+    #[test]
+    fn round_trip() {
+        let file = recording(&[(b"12345", 10), (b"", 10), (&[7u8; 1000], 2500)]);
+        let s = verify(&file[..]).expect("valid");
+        assert_eq!(s.duration_ms, 2500);
+        assert_eq!(s.blocks, 6);
+        let handshake = 12 + 4 + server_init(800, 600, "desk").len() as u64;
+        assert_eq!(s.bytes, handshake + 5 + 1000);
+        assert_eq!(
+            s.server_init,
+            ServerInitInfo {
+                width: 800,
+                height: 600,
+                name: "desk".into()
+            }
+        );
+        assert!(!s.truncated);
+    }
+
+    #[test]
+    fn the_handshake_may_be_split_across_blocks_any_way() {
+        let mut stream = Vec::new();
+        stream.extend_from_slice(RFB_VERSION);
+        stream.extend_from_slice(&SECURITY_NONE);
+        stream.extend_from_slice(&server_init(1, 2, "n"));
+        let mut out = HEADER.to_vec();
+        for byte in &stream {
+            encode_block(&mut out, std::slice::from_ref(byte), 0);
+        }
+        let s = verify(&out[..]).expect("valid");
+        assert_eq!((s.server_init.width, s.server_init.height), (1, 2));
+    }
+
+    #[test]
+    fn a_truncated_last_block_is_reported_not_rejected() {
+        let file = recording(&[(b"12345678", 10), (b"abcdefgh", 20)]);
+        for cut in 1..16 {
+            let s = verify(&file[..file.len() - cut]).expect("valid up to the cut");
+            assert!(s.truncated, "cut {cut}");
+            assert_eq!(s.duration_ms, 10);
+            assert_eq!(s.blocks, 4);
+        }
+    }
+
+    #[test]
+    fn rejections() {
+        let bad = |file: &[u8]| verify(file).expect_err("rejected");
+        assert!(matches!(bad(b""), FbsError::Header));
+        assert!(matches!(bad(b"FBS 001.001\n"), FbsError::Header));
+        assert!(matches!(bad(b"FBS 001"), FbsError::Header));
+        // Header only: no handshake at all.
+        assert!(matches!(bad(HEADER), FbsError::ShortHandshake));
+        // Time going backwards.
+        let file = recording(&[(b"a", 50), (b"b", 49)]);
+        assert!(matches!(
+            bad(&file),
+            FbsError::Timestamp {
+                block: 4,
+                ms: 49,
+                previous: 50
+            }
+        ));
+        // Another protocol version.
+        let mut file = HEADER.to_vec();
+        encode_block(&mut file, b"RFB 003.008\n", 0);
+        assert!(matches!(bad(&file), FbsError::Version));
+        // Not an RFB stream at all.
+        let mut file = HEADER.to_vec();
+        encode_block(&mut file, b"GET / HTTP/1.1\r\n", 0);
+        assert!(matches!(bad(&file), FbsError::Version));
+        // Security type other than None.
+        let mut file = HEADER.to_vec();
+        encode_block(&mut file, RFB_VERSION, 0);
+        encode_block(&mut file, &[0, 0, 0, 2], 0);
+        assert!(matches!(bad(&file), FbsError::Security(2)));
+        // A ServerInit whose name length is absurd, or whose pixel format is not one.
+        let mut si = server_init(1, 1, "x");
+        si[20..24].copy_from_slice(&u32::MAX.to_be_bytes());
+        let mut file = HEADER.to_vec();
+        encode_block(&mut file, RFB_VERSION, 0);
+        encode_block(&mut file, &SECURITY_NONE, 0);
+        encode_block(&mut file, &si, 0);
+        assert!(matches!(bad(&file), FbsError::ServerInit(_)));
+        let mut si = server_init(1, 1, "x");
+        si[4] = 12;
+        let mut file = HEADER.to_vec();
+        encode_block(&mut file, RFB_VERSION, 0);
+        encode_block(&mut file, &SECURITY_NONE, 0);
+        encode_block(&mut file, &si, 0);
+        assert!(matches!(bad(&file), FbsError::ServerInit(_)));
+        // The handshake cut short, with complete blocks.
+        let mut file = HEADER.to_vec();
+        encode_block(&mut file, RFB_VERSION, 0);
+        encode_block(&mut file, &SECURITY_NONE, 0);
+        encode_block(&mut file, &server_init(1, 1, "name")[..26], 0);
+        assert!(matches!(bad(&file), FbsError::ShortHandshake));
+    }
+}
