@@ -9,7 +9,9 @@ use std::process::Command;
 use common::rfb_client::{self, WsConnect};
 use common::rfb_server::{Mode, RfbServer};
 use common::{BackendSpec, Gateway, GatewayConfig, now, open_session as open};
+use futures_util::SinkExt;
 use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
 
 fn token(sub: &str, sid: &str, record: bool) -> String {
     let mut claims = json!({ "sub": sub, "sid": sid, "exp": now() + 600 });
@@ -21,7 +23,10 @@ fn token(sub: &str, sid: &str, record: bool) -> String {
 
 async fn recording_gateway(dir: &std::path::Path, backends: Vec<BackendSpec>) -> Gateway {
     let mut cfg = GatewayConfig::new(backends);
-    cfg.extra = format!("recording:\n  dir: \"{}\"\n  when: claim\n", dir.display());
+    cfg.extra = format!(
+        "recording:\n  dir: \"{}\"\n  when: claim\n  input: keys\n",
+        dir.display()
+    );
     Gateway::start(cfg).await
 }
 
@@ -44,6 +49,24 @@ async fn a_recorded_session_is_written_as_fbs_with_its_audit_and_verifies() {
         .expect("update");
     assert_eq!(update.first_pixel_rgb, [10, 20, 30]);
     let started = gw.wait_log(|v| v["event"] == "recording_started").await;
+    // A click at (3, 4) with pointer motion around it, and the key `a` pressed and released.
+    for msg in [
+        vec![5, 0, 0, 1, 0, 1],
+        vec![5, 1, 0, 3, 0, 4],
+        vec![5, 1, 0, 5, 0, 6],
+        vec![5, 0, 0, 5, 0, 6],
+        vec![4, 1, 0, 0, 0, 0, 0, 0x61],
+        vec![4, 0, 0, 0, 0, 0, 0, 0x61],
+    ] {
+        live.ws
+            .send(Message::Binary(msg.into()))
+            .await
+            .expect("input");
+    }
+    // An update request behind the input: its answer means the input before it was relayed.
+    rfb_client::first_framebuffer_update(&mut live.ws, &mut live.session)
+        .await
+        .expect("update after the input");
     drop(live);
     let ended = gw.wait_log(|v| v["event"] == "recording_ended").await;
     assert_eq!(ended["session_id"], "rec-1");
@@ -85,6 +108,27 @@ async fn a_recorded_session_is_written_as_fbs_with_its_audit_and_verifies() {
     ] {
         assert!(names.contains(&expected), "{expected} missing: {names:?}");
     }
+    // Button changes only (motion is not kept), and keys (`input: keys`).
+    let input: Vec<Value> = events
+        .iter()
+        .filter(|e| e["event"] == "pointer" || e["event"] == "key")
+        .map(|e| {
+            let mut e = e.clone();
+            if let Some(o) = e.as_object_mut() {
+                o.remove("t");
+            }
+            e
+        })
+        .collect();
+    assert_eq!(
+        input,
+        [
+            json!({ "event": "pointer", "buttons": 1, "x": 3, "y": 4 }),
+            json!({ "event": "pointer", "buttons": 0, "x": 5, "y": 6 }),
+            json!({ "event": "key", "down": true, "keysym": 0x61 }),
+            json!({ "event": "key", "down": false, "keysym": 0x61 }),
+        ]
+    );
     assert!(!audit.contains("token"), "no token in the audit: {audit}");
     assert!(gw.metric("vncgate_recording_bytes_total").await > 0.0);
     assert_eq!(gw.metric("vncgate_recordings_active").await, 0.0);

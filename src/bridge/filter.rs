@@ -10,10 +10,13 @@ use prometheus::IntCounter;
 use tokio::sync::watch;
 
 use super::{CloseCode, EndReason};
+use crate::config::RecordInput;
 use crate::metrics::Metrics;
 use crate::recording::recorder::RecordingHandle;
 use crate::rfb::PixelFormat;
-use crate::rfb::client_msg::{ClientError, ClientFilter, ClientReport, Kept};
+use crate::rfb::client_msg::{
+    AuditInput, ClientError, ClientFilter, ClientReport, InputSeen, Kept,
+};
 use crate::rfb::policy::{Clipboard, InputKind, Policy};
 use crate::rfb::server_msg::ServerFilter;
 
@@ -55,9 +58,17 @@ impl RfbFilters {
         });
         let dropped =
             InputKind::ALL.map(|k| metrics.input_dropped_total.with_label_values(&[k.as_str()]));
+        let audit = match recording.as_ref().map(|r| r.input()) {
+            Some(RecordInput::Pointer) => AuditInput::Pointer,
+            Some(RecordInput::Keys) => AuditInput::Keys,
+            Some(RecordInput::None) | None => AuditInput::None,
+        };
+        let view_only_now = *view_only.borrow();
         RfbFilters {
             inbound: Inbound {
-                filter: ClientFilter::new(max_message_bytes),
+                filter: ClientFilter::new(max_message_bytes).with_audit(audit),
+                recording: recording.clone(),
+                audited_view_only: view_only_now,
                 clipboard,
                 view_only,
                 slot: outbound.is_some().then_some(slot),
@@ -82,6 +93,10 @@ pub(super) struct Inbound {
     slot: Option<PixelFormatSlot>,
     /// What the browser sent right after its ClientInit: input before the first message.
     leftover: Option<Bytes>,
+    /// The session's recording: its audit gets the input the filter reports, and input-mode
+    /// switches (noticed here, where every client message passes).
+    recording: Option<RecordingHandle>,
+    audited_view_only: bool,
     out: BytesMut,
     dropped: [IntCounter; 5],
     blocked: IntCounter,
@@ -98,6 +113,15 @@ impl Inbound {
             view_only: *self.view_only.borrow(),
             clipboard: self.clipboard,
         };
+        if let Some(rec) = &self.recording
+            && policy.view_only != self.audited_view_only
+        {
+            self.audited_view_only = policy.view_only;
+            rec.event(serde_json::json!({
+                "event": "input_mode_changed",
+                "input_mode": if policy.view_only { "view_only" } else { "interactive" },
+            }));
+        }
         let (kept, report) = self
             .filter
             .filter(&data, &policy, &mut self.out)
@@ -109,6 +133,11 @@ impl Inbound {
                 })
             })?;
         self.account(&report);
+        if let Some(rec) = &self.recording {
+            for seen in &report.seen {
+                rec.event(audit_line(seen));
+            }
+        }
         Ok(match kept {
             Kept::All => data,
             Kept::Some => self.out.split().freeze(),
@@ -127,6 +156,21 @@ impl Inbound {
         }
         if let (Some(pf), Some(slot)) = (report.pixel_format, &self.slot) {
             *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(pf);
+        }
+    }
+}
+
+/// One input of the audit file (`recording.input`): never clipboard text, only its size.
+fn audit_line(seen: &InputSeen) -> serde_json::Value {
+    match seen {
+        InputSeen::Buttons { mask, x, y } => {
+            serde_json::json!({ "event": "pointer", "buttons": mask, "x": x, "y": y })
+        }
+        InputSeen::Key { down, keysym } => {
+            serde_json::json!({ "event": "key", "down": down, "keysym": keysym })
+        }
+        InputSeen::Clipboard { bytes } => {
+            serde_json::json!({ "event": "clipboard_to_server", "bytes": bytes })
         }
     }
 }

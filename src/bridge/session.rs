@@ -110,6 +110,7 @@ pub async fn serve(start: SessionStart) {
         clipboard: settings.clipboard,
     };
     let sid = claims.session_id().to_owned();
+    let user = claims.sub.clone();
     let now = crate::routing::store::unix_ms();
     let pin = Pin {
         backend: backend_name.clone(),
@@ -142,6 +143,8 @@ pub async fn serve(start: SessionStart) {
                 settings: &settings,
                 sid: &sid,
                 conn_id,
+                role: role.as_str(),
+                user: &user,
                 meters: &meters,
                 control,
                 policy,
@@ -215,6 +218,9 @@ struct Relay<'a> {
     /// The session and connection ids a recording is filed under.
     sid: &'a str,
     conn_id: u64,
+    /// `owner`, or the kind of share this connection joined with (for the audit).
+    role: &'a str,
+    user: &'a str,
     meters: &'a Meters,
     control: Control,
     policy: Policy,
@@ -293,6 +299,8 @@ where
         settings,
         sid,
         conn_id,
+        role,
+        user,
         meters,
         control,
         policy,
@@ -341,6 +349,8 @@ where
                     "event": "session_started",
                     "session_id": sid,
                     "conn_id": conn_id,
+                    "user_id": user,
+                    "role": role,
                     "view_only": *control.view_only.borrow(),
                 }));
             }

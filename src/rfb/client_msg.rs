@@ -44,6 +44,92 @@ pub struct ClientReport {
     pub clipboard_blocked: u32,
     /// The last SetPixelFormat passed on in this call.
     pub pixel_format: Option<PixelFormat>,
+    /// Input passed on in this call that a recording's audit keeps (see [`AuditInput`]);
+    /// empty unless the filter was built with an audit level.
+    pub seen: Vec<InputSeen>,
+}
+
+/// What a recording's audit keeps of the client's input (`recording.input`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AuditInput {
+    #[default]
+    None,
+    /// Pointer button changes with their coordinates.
+    Pointer,
+    /// Pointer button changes and key presses.
+    Keys,
+}
+
+/// One piece of input that reached the backend, as the audit records it. Clipboard contents
+/// are never kept: only their size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InputSeen {
+    /// The button mask changed (a press or a release) at `x`, `y`.
+    Buttons {
+        mask: u8,
+        x: u16,
+        y: u16,
+    },
+    Key {
+        down: bool,
+        keysym: u32,
+    },
+    Clipboard {
+        bytes: u32,
+    },
+}
+
+/// The audit's state across messages: pointer motion is not kept, only button changes, so
+/// the last mask is remembered.
+#[derive(Debug, Default)]
+struct Audit {
+    level: AuditInput,
+    buttons: u8,
+}
+
+impl Audit {
+    fn observe(&mut self, kind: &Kind, header: &[u8], report: &mut ClientReport) {
+        if self.level == AuditInput::None {
+            return;
+        }
+        let u16_at = |i: usize| {
+            header
+                .get(i..i + 2)
+                .and_then(|b| b.try_into().ok())
+                .map(u16::from_be_bytes)
+        };
+        let u32_at = |i: usize| {
+            header
+                .get(i..i + 4)
+                .and_then(|b| b.try_into().ok())
+                .map(u32::from_be_bytes)
+        };
+        match (kind, header.first()) {
+            (Kind::Input(InputKind::Pointer), Some(&POINTER_EVENT)) => {
+                let mask = header.get(1).copied().unwrap_or(0) & !EXTENDED_BUTTONS_BIT;
+                if mask != self.buttons
+                    && let (Some(x), Some(y)) = (u16_at(2), u16_at(4))
+                {
+                    self.buttons = mask;
+                    report.seen.push(InputSeen::Buttons { mask, x, y });
+                }
+            }
+            (Kind::Input(InputKind::Key), Some(&KEY_EVENT)) if self.level == AuditInput::Keys => {
+                if let Some(keysym) = u32_at(4) {
+                    let down = header.get(1).is_some_and(|d| *d != 0);
+                    report.seen.push(InputSeen::Key { down, keysym });
+                }
+            }
+            (Kind::CutText, _) => {
+                // Plain: the length; extended (negative): its absolute value, flags included.
+                if let Some(len) = u32_at(4) {
+                    let bytes = (len as i32).unsigned_abs();
+                    report.seen.push(InputSeen::Clipboard { bytes });
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 impl ClientReport {
@@ -89,6 +175,7 @@ pub struct ClientFilter {
     max_cut_text: usize,
     /// The bytes so far of a header that did not fit in one call (empty between messages).
     head: Vec<u8>,
+    audit: Audit,
     /// The body still to go by of the current message, once its header was judged.
     body: Option<Body>,
 }
@@ -106,7 +193,14 @@ impl ClientFilter {
             max_cut_text,
             head: Vec::new(),
             body: None,
+            audit: Audit::default(),
         }
+    }
+
+    /// Report the input a recording's audit keeps (in [`ClientReport::seen`]).
+    pub fn with_audit(mut self, level: AuditInput) -> Self {
+        self.audit.level = level;
+        self
     }
 
     /// Parse `input` (split anywhere) and pass on what `policy` allows.
@@ -170,6 +264,9 @@ impl ClientFilter {
                 let end = pos + frame.head_len;
                 let header = rest.get(..frame.head_len).unwrap_or_default();
                 let verdict = judge(&frame.kind, header, policy, report);
+                if matches!(verdict, Verdict::Pass) {
+                    self.audit.observe(&frame.kind, header, report);
+                }
                 self.start_body(&frame, &verdict);
                 match verdict {
                     Verdict::Pass => {}
@@ -205,6 +302,9 @@ impl ClientFilter {
         if let Parse::Frame(frame) = parse_header(&self.head, self.max_cut_text)? {
             let at = pos + take;
             let verdict = judge(&frame.kind, &self.head, policy, report);
+            if matches!(verdict, Verdict::Pass) {
+                self.audit.observe(&frame.kind, &self.head, report);
+            }
             self.start_body(&frame, &verdict);
             match verdict {
                 Verdict::Pass => em.insert(at, &self.head),
