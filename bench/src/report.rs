@@ -17,10 +17,11 @@ pub struct ReportArgs {
     pub check: bool,
 }
 
-const PATHS: [&str; 7] = [
+const PATHS: [&str; 8] = [
     "direct",
     "vncgate",
     "vncgate-terminate",
+    "vncgate-recording",
     "vncgate-redis",
     "vncgate-sentinel",
     "vncgate-cluster",
