@@ -446,7 +446,11 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, io::Error> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| io::Error::other(format!("writer panicked: {e}")))
+        .map_err(|e| match e.is_cancelled() {
+            // The runtime is going away (the process exits without a drain).
+            true => io::Error::other("the process stopped before the recording was closed"),
+            false => io::Error::other(format!("writer panicked: {e}")),
+        })
 }
 
 impl Writer {
