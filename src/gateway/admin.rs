@@ -1,5 +1,6 @@
 //! The admin listener (contract §7): `/healthz`, `/readyz` and `/metrics` are open (probes and
-//! Prometheus); `/admin/*` needs `Authorization: Bearer <admin token>`, compared in constant time.
+//! Prometheus), and so are the playback page's static files (`admin_recordings`); `/admin/*`
+//! needs `Authorization: Bearer <admin token>`, compared in constant time.
 
 use std::sync::Arc;
 
@@ -82,7 +83,7 @@ impl AdminApp {
         json_response(code, body)
     }
 
-    fn authorized(&self, session: &ServerSession) -> bool {
+    pub(super) fn authorized(&self, session: &ServerSession) -> bool {
         let config = self.0.config();
         let Some(expected) = config.admin.as_ref().and_then(|a| a.token.as_ref()) else {
             return false;
@@ -337,7 +338,14 @@ impl HttpServerApp for AdminApp {
         if !respond::read_request(&mut session, shutdown).await {
             return None;
         }
-        let response = self.route(&mut session).await;
+        // Recording downloads are streamed (they can be gigabytes), not built as a whole body.
+        let response = match self.recording_download(&session).await {
+            Some(Ok(download)) => {
+                return super::admin_recordings::send_file(session, download).await;
+            }
+            Some(Err(refused)) => refused,
+            None => self.route(&mut session).await,
+        };
         let (parts, body) = response.into_parts();
         let content_type = parts
             .headers
@@ -356,6 +364,9 @@ impl AdminApp {
         match (method.as_str(), path.as_str()) {
             ("GET", "/healthz") => json_response(StatusCode::OK, json!({ "status": "ok" })),
             ("GET", "/readyz") => self.readyz(),
+            ("GET" | "HEAD", p) if super::admin_recordings::is_playback_asset(p) => {
+                self.playback_asset(p).await
+            }
             ("GET", "/metrics") => {
                 let body = self.0.metrics.render();
                 Response::builder()
@@ -395,6 +406,10 @@ impl AdminApp {
                 match (method.as_str(), p) {
                     ("GET", "/admin/sessions") => self.sessions(),
                     ("GET", "/admin/backends") => self.backends(),
+                    ("GET", "/admin/recordings") => {
+                        let query = session.req_header().uri.query().map(str::to_owned);
+                        self.recordings(query.as_deref()).await
+                    }
                     ("POST", _) if backend_drain.is_some() => {
                         self.drain(backend_drain.unwrap_or_default(), true).await
                     }

@@ -10,6 +10,7 @@
 pub mod admin;
 mod admin_backends;
 pub mod admin_listener;
+mod admin_recordings;
 pub mod connection;
 pub mod handshake;
 mod head;
