@@ -31,7 +31,7 @@ const JOB: &str = "vncgate";
 /// Labels Prometheus attaches to every scraped series.
 const TARGET_LABELS: [&str; 2] = ["job", "instance"];
 
-const REQUIRED_ALERTS: [&str; 9] = [
+const REQUIRED_ALERTS: [&str; 10] = [
     "VncgateInstanceDown",
     "VncgateNoHealthyBackend",
     "VncgateBackendDown",
@@ -41,10 +41,11 @@ const REQUIRED_ALERTS: [&str; 9] = [
     "VncgateSlowUpgrades",
     "VncgateAbnormalDisconnects",
     "VncgateNearCapacity",
+    "VncgateRecordingDroppingData",
 ];
 
 /// Metric families the dashboard must chart (the brief's rows).
-const DASHBOARD_METRICS: [&str; 16] = [
+const DASHBOARD_METRICS: [&str; 19] = [
     "vncgate_sessions_active",
     "vncgate_max_sessions",
     "vncgate_upgrades_total",
@@ -61,10 +62,19 @@ const DASHBOARD_METRICS: [&str; 16] = [
     "vncgate_store_errors_total",
     "vncgate_store_op_duration_seconds",
     "vncgate_auth_failures_total",
+    "vncgate_recordings_active",
+    "vncgate_recording_bytes_total",
+    "vncgate_recording_dropped_total",
 ];
 
-const DASHBOARD_ROWS: [&str; 6] = [
-    "Overview", "Sessions", "Traffic", "Backends", "Store", "Auth",
+const DASHBOARD_ROWS: [&str; 7] = [
+    "Overview",
+    "Sessions",
+    "Traffic",
+    "Backends",
+    "Store",
+    "Auth",
+    "Recording",
 ];
 
 // ---------------------------------------------------------------------------------------------
