@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use http::{Response, StatusCode};
-use pingora_core::apps::{HttpPersistentSettings, ReusedHttpStream};
+use pingora_core::apps::ReusedHttpStream;
 use pingora_core::protocols::http::ServerSession;
 use pingora_http::ResponseHeader;
 use serde_json::{Value, json};
@@ -416,11 +416,7 @@ pub(super) async fn send_file(
                 .ok()?;
         }
     }
-    let settings = HttpPersistentSettings::for_session(&session);
-    match session.finish().await {
-        Ok(reusable) => reusable.map(|s| ReusedHttpStream::from_reusable_stream(s, settings)),
-        Err(_) => None,
-    }
+    super::respond::finish(session).await
 }
 
 #[cfg(test)]

@@ -77,6 +77,12 @@ pub async fn send(
             .await
             .ok()?;
     }
+    finish(session).await
+}
+
+/// End a response whose body was written; the connection back for the next request when it
+/// can be reused.
+pub async fn finish(session: ServerSession) -> Option<ReusedHttpStream> {
     let settings = HttpPersistentSettings::for_session(&session);
     match session.finish().await {
         Ok(reusable) => reusable.map(|s| ReusedHttpStream::from_reusable_stream(s, settings)),
