@@ -120,6 +120,16 @@ impl Audit {
                     report.seen.push(InputSeen::Key { down, keysym });
                 }
             }
+            // QEMU extended key event (what noVNC sends when the server offers it, as TigerVNC
+            // does): type, subtype 0, a u16 down flag, the keysym, the keycode.
+            (Kind::Input(InputKind::Key), Some(&QEMU)) if self.level == AuditInput::Keys => {
+                if let (Some(down), Some(keysym)) = (u16_at(2), u32_at(4)) {
+                    report.seen.push(InputSeen::Key {
+                        down: down != 0,
+                        keysym,
+                    });
+                }
+            }
             (Kind::CutText, _) => {
                 // Plain: the length; extended (negative): its absolute value, flags included.
                 if let Some(len) = u32_at(4) {

@@ -499,6 +499,8 @@ pub struct GwSpec<'a> {
     pub health_check_interval_seconds: u64,
     /// Environment variables of the gateway process (the VNC passwords the `*_env` keys name).
     pub env: Vec<(String, String)>,
+    /// Extra top-level YAML appended verbatim (e.g. a `recording:` section); empty = none.
+    pub extra: String,
 }
 
 impl<'a> GwSpec<'a> {
@@ -520,6 +522,7 @@ impl<'a> GwSpec<'a> {
             health_check: None,
             health_check_interval_seconds: 0,
             env: Vec::new(),
+            extra: String::new(),
         }
     }
 
@@ -622,13 +625,14 @@ impl Gw {
              pools:\n  default:\n{pool}\
              store:\n  kind: {kind}\n  session_idle_ttl_seconds: 3600\n\
              limits:\n  max_sessions_per_user: 20\n\
-             logging:\n  format: json\n  level: debug\n",
+             logging:\n  format: json\n  level: debug\n{extra}",
             d = dir.path().display(),
             cert = cert.display(),
             key = key.display(),
             web = root().join("web").display(),
             leeway = spec.leeway_seconds,
             pool = spec.pool_yaml(),
+            extra = spec.extra,
             kind = if spec.redis.is_some() {
                 "redis"
             } else {
