@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use common::desks;
 use common::redis_topology::{RedisCluster, scenario};
-use redis::AsyncCommands;
 use vncgate::routing::SessionStore;
 use vncgate::routing::redis::{RedisStore, Replica};
 use vncgate::routing::store::{Pin, StoreError};
@@ -34,19 +33,9 @@ async fn a_killed_master_is_replaced_by_its_replica() {
     let (old_master, replica) = cluster.kill_a_master().await.expect("kill a master");
     cluster.await_promotion(replica).await.expect("promotion");
     let promoted_ms = killed.elapsed().as_millis();
-    for gw in [&a, &b] {
-        // The census sees the slots served from the promoted replica, and the live pins are
-        // written back (replication is asynchronous: the replica may lack the latest).
-        scenario::wait_after(
-            gw,
-            |v| v["event"] == "store_master_changed",
-            |v| v["event"] == "store_reconnected",
-        )
-        .await;
-        let moved = gw.wait_log(|v| v["event"] == "store_master_changed").await;
-        assert_eq!(moved["old_addr"], format!("127.0.0.1:{old_master}"));
-        assert_eq!(moved["addr"], format!("127.0.0.1:{replica}"));
-    }
+    // The census sees the slots served from the promoted replica, and the live pins are
+    // written back.
+    scenario::assert_master_moved(&a, &b, old_master, replica).await;
     scenario::assert_pins_shared(&a, &b, "after", desks.len()).await;
     eprintln!(
         "cluster failover: SIGKILL -> replica promoted {promoted_ms} ms; \
@@ -56,23 +45,9 @@ async fn a_killed_master_is_replaced_by_its_replica() {
 
     scenario::assert_all_alive(&mut live, &a, &b).await;
     let mut con = cluster.client().await.expect("cluster client");
-    for (i, l) in live.iter().enumerate() {
-        let backend: Option<String> = con
-            .hget(format!("vncgate:session:live{i}"), "backend")
-            .await
-            .expect("hget");
-        assert_eq!(backend.as_deref(), Some(l.session.server_name.as_str()));
-    }
+    scenario::assert_live_pins_stored(&mut con, &live).await;
     scenario::assert_kick_and_revoke_cross(&mut live, &a, &b).await;
-    for gw in [&a, &b] {
-        assert_eq!(gw.metric("vncgate_store_master_up").await, 1.0);
-        assert_eq!(gw.metric("vncgate_store_up").await, 1.0);
-        assert_eq!(
-            gw.metric("vncgate_store_nodes_reachable{role=\"master\"}")
-                .await,
-            3.0
-        );
-    }
+    scenario::assert_store_healthy(&a, &b, "master", 3.0).await;
 }
 
 /// A replica with no live sessions: the store's background tasks need one.

@@ -793,6 +793,48 @@ pub mod scenario {
         );
     }
 
+    /// Both replicas logged the master's move from `old` to `new` and then wrote their live pins
+    /// back; returns each replica's `store_reconnected` line.
+    pub async fn assert_master_moved(a: &Gateway, b: &Gateway, old: u16, new: u16) -> Vec<Value> {
+        let mut reconnected = Vec::new();
+        for gw in [a, b] {
+            reconnected.push(
+                wait_after(
+                    gw,
+                    |v| v["event"] == "store_master_changed",
+                    |v| v["event"] == "store_reconnected",
+                )
+                .await,
+            );
+            let moved = gw.wait_log(|v| v["event"] == "store_master_changed").await;
+            assert_eq!(moved["old_addr"], format!("127.0.0.1:{old}"));
+            assert_eq!(moved["addr"], format!("127.0.0.1:{new}"));
+        }
+        reconnected
+    }
+
+    /// The store now holds every live session's pin on the backend it runs on (written back
+    /// after the failover: replication is asynchronous, the promoted node may lack the latest).
+    pub async fn assert_live_pins_stored<C: redis::AsyncCommands>(con: &mut C, live: &[Live]) {
+        for (i, l) in live.iter().enumerate() {
+            let backend: Option<String> = con
+                .hget(format!("vncgate:session:live{i}"), "backend")
+                .await
+                .expect("hget");
+            assert_eq!(backend.as_deref(), Some(l.session.server_name.as_str()));
+        }
+    }
+
+    /// Both replicas report the store up with a master, and `nodes` nodes of `role` reachable.
+    pub async fn assert_store_healthy(a: &Gateway, b: &Gateway, role: &str, nodes: f64) {
+        for gw in [a, b] {
+            assert_eq!(gw.metric("vncgate_store_master_up").await, 1.0);
+            assert_eq!(gw.metric("vncgate_store_up").await, 1.0);
+            let series = format!("vncgate_store_nodes_reachable{{role=\"{role}\"}}");
+            assert_eq!(gw.metric(&series).await, nodes);
+        }
+    }
+
     /// Distinct backends among the live sessions (the placement spread them).
     pub fn spread(live: &[Live]) -> usize {
         live.iter()
