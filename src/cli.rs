@@ -66,6 +66,28 @@ pub enum RecordingCommand {
     /// duration, bytes, blocks, the desktop's size and name and whether it is incomplete, or
     /// exit 1 with the reason.
     Verify { file: PathBuf },
+    /// Write the framebuffer at SECONDS into FILE (the last frame when the recording is
+    /// shorter) to OUT as a PNG: exit 0 and print the moment shown and the size, or exit 1
+    /// with the reason.
+    Export {
+        file: PathBuf,
+        /// Seconds since the recording's start (fractions allowed).
+        #[arg(long, value_parser = parse_seconds)]
+        at: u64,
+        /// The PNG to write.
+        #[arg(long)]
+        png: PathBuf,
+    },
+}
+
+/// `--at`: non-negative seconds, as milliseconds.
+fn parse_seconds(s: &str) -> Result<u64, String> {
+    match s.parse::<f64>() {
+        Ok(secs) if (0.0..1e12).contains(&secs) => {
+            Ok((secs * 1000.0).round() as u64)
+        }
+        _ => Err(format!("{s:?} is not a number of seconds >= 0")),
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -224,6 +246,28 @@ pub fn main() -> i32 {
             }
         }
         Command::Demo(args) => crate::demo::run(args),
+        Command::Recording(RecordingCommand::Export { file, at, png }) => {
+            match crate::recording::export::export_png(&file, at, &png) {
+                Ok(e) => {
+                    println!(
+                        "shown: {:.3} s{}",
+                        f64::from(e.shown_ms) / 1000.0,
+                        if e.past_end {
+                            " (the recording's end)"
+                        } else {
+                            ""
+                        }
+                    );
+                    println!("size: {}x{}", e.width, e.height);
+                    println!("wrote: {}", png.display());
+                    EXIT_OK
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    EXIT_RUNTIME
+                }
+            }
+        }
         Command::Recording(RecordingCommand::Verify { file }) => {
             match crate::recording::verify::verify_file(&file) {
                 Ok(report) => {

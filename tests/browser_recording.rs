@@ -32,6 +32,9 @@ const LINES: [&str; 3] = [
 ];
 /// X keysym of Return.
 const XK_RETURN: u64 = 0xff0d;
+/// Between keystrokes, as a person types: the 55 keystrokes make a session of about ten
+/// seconds, so the recording has many updates over time, not one burst.
+const KEYSTROKE_MS: u64 = 180;
 
 #[tokio::test]
 async fn a_typed_xterm_session_is_recorded_and_replays_to_the_same_pixels() {
@@ -60,7 +63,7 @@ async fn a_typed_xterm_session_is_recorded_and_replays_to_the_same_pixels() {
 
     let mut typed = String::new();
     for line in LINES {
-        live.type_text(line).await;
+        live.type_paced(line, KEYSTROKE_MS).await;
         live.press("Enter").await;
         typed.push_str(line);
         typed.push('\n');
@@ -158,6 +161,22 @@ async fn a_typed_xterm_session_is_recorded_and_replays_to_the_same_pixels() {
     page.assert_clean_console(&[]).await;
     ctx.close().await;
 
+    // ---- Export: the framebuffer at the recording's end, as a PNG, has the live pixels.
+    let png = dir.path().join("end.png");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vncgate"))
+        .args(["recording", "export", &path, "--at", "100000", "--png"])
+        .arg(&png)
+        .output()
+        .expect("vncgate recording export");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "export failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("(the recording's end)"), "{stdout}");
+    assert_eq!(png_region_hash(&png, xterm), live_hash, "{stdout}");
+
     // ---- The audit: the session's start and end, and every typed key, down then up.
     let audit = std::fs::read_to_string(path.replace(".fbs", ".jsonl")).expect("audit");
     let events: Vec<Value> = audit
@@ -185,4 +204,40 @@ async fn a_typed_xterm_session_is_recorded_and_replays_to_the_same_pixels() {
         .collect();
     assert_eq!(keys, want, "the typed keys in the audit: {audit}");
     assert!(!audit.contains(&token), "no token in the audit");
+    // noVNC's SetPixelFormat (32 bits, red in the low byte) is in the audit, from offset 0.
+    let format = events
+        .iter()
+        .find(|e| e["event"] == "pixel_format")
+        .expect("pixel_format line");
+    assert_eq!(
+        (
+            &format["offset"],
+            &format["bits_per_pixel"],
+            &format["red_shift"]
+        ),
+        (&json!(0), &json!(32), &json!(0)),
+        "{format}"
+    );
+}
+
+/// The FNV-1a hash of a region's RGBA bytes, as `pageRegionHash` (tests/browser/lib.mjs)
+/// computes it on a canvas.
+fn png_region_hash(path: &std::path::Path, r: Rect) -> String {
+    let decoder = png::Decoder::new(std::io::BufReader::new(
+        std::fs::File::open(path).expect("png"),
+    ));
+    let mut reader = decoder.read_info().expect("png header");
+    let mut rgba = vec![0; reader.output_buffer_size().expect("size")];
+    let info = reader.next_frame(&mut rgba).expect("png frame");
+    assert_eq!(info.color_type, png::ColorType::Rgba);
+    let width = info.width as usize;
+    let mut hash: u32 = 0x811c_9dc5;
+    for y in r.y as usize..(r.y + r.h) as usize {
+        let row = &rgba[(y * width + r.x as usize) * 4..(y * width + (r.x + r.w) as usize) * 4];
+        for &b in row {
+            hash ^= u32::from(b);
+            hash = hash.wrapping_mul(0x0100_0193);
+        }
+    }
+    format!("{hash:08x}")
 }

@@ -494,3 +494,80 @@ fn the_recording_series_are_exported_at_zero() {
     assert!(text.contains("# TYPE vncgate_recordings_active gauge"));
     assert!(text.contains("# TYPE vncgate_recording_dropped_total counter"));
 }
+
+/// A FramebufferUpdate of one Raw rectangle covering `w`x`h` with one 4-byte pixel value.
+fn raw_update(w: u16, h: u16, pixel: [u8; 4]) -> Vec<u8> {
+    let mut b = vec![0, 0, 0, 1, 0, 0, 0, 0];
+    b.extend_from_slice(&w.to_be_bytes());
+    b.extend_from_slice(&h.to_be_bytes());
+    b.extend_from_slice(&0i32.to_be_bytes());
+    for _ in 0..usize::from(w) * usize::from(h) {
+        b.extend_from_slice(&pixel);
+    }
+    b
+}
+
+fn export_cmd(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_vncgate"))
+        .args(["recording", "export"])
+        .args(args)
+        .output()
+        .expect("run vncgate");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The first pixel of a PNG, RGBA.
+fn png_first_pixel(path: &Path) -> [u8; 4] {
+    let decoder = png::Decoder::new(io::BufReader::new(std::fs::File::open(path).expect("png")));
+    let mut reader = decoder.read_info().expect("png header");
+    let mut buf = vec![0; reader.output_buffer_size().expect("size")];
+    reader.next_frame(&mut buf).expect("frame");
+    [buf[0], buf[1], buf[2], buf[3]]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_paints_the_last_frame_in_the_clients_pixel_format() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let recorder = Recorder::new(settings(root.path()), metrics());
+    let rec = start(&recorder, "export");
+    // The client asks for noVNC's format (red in the low byte) before any update: the
+    // ServerInit (written with red at shift 16) is rewritten with it.
+    rec.client_pixel_format(vncgate::rfb::PixelFormat([
+        32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 0, 8, 16, 0, 0, 0,
+    ]));
+    rec.server_data(&raw_update(800, 600, [200, 10, 20, 0]));
+    let outcome = {
+        rec.finish("closed");
+        rec.ended().await
+    };
+    assert_eq!(outcome.error, None);
+    let fbs = outcome.fbs_path.display().to_string();
+    let png = root.path().join("at.png");
+    let png_arg = png.display().to_string();
+
+    // Past the end: the last frame, said so.
+    let (code, out, err) = export_cmd(&[&fbs, "--at", "3600.5", "--png", &png_arg]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("(the recording's end)"), "{out}");
+    assert!(out.contains("size: 800x600"), "{out}");
+    assert_eq!(png_first_pixel(&png), [200, 10, 20, 255]);
+
+    // Refusals: a negative moment (usage, 2), a file that is not a recording (1).
+    let (code, _, err) = export_cmd(&[&fbs, "--at", "-1", "--png", &png_arg]);
+    assert_eq!(code, 2, "{err}");
+    let not_fbs = root.path().join("not.fbs");
+    std::fs::write(&not_fbs, b"hello").expect("write");
+    let (code, _, err) = export_cmd(&[
+        &not_fbs.display().to_string(),
+        "--at",
+        "0",
+        "--png",
+        &png_arg,
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("not an FBS 001.000 file"), "{err}");
+}

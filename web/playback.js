@@ -56,6 +56,24 @@ export function parseFbs(buffer) {
     return { blocks, truncated };
 }
 
+/// noVNC's own pixel format (32 bits, depth 24, little-endian, true colour, red in the low
+/// byte): the one it decodes a stream in, whatever the ServerInit says.
+const NOVNC_FORMAT = [32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 0, 8, 16];
+
+/// Why noVNC will show wrong colours, or null: the recorder writes the live client's pixel
+/// format into the ServerInit (and later changes into the audit), so a session viewed with
+/// another client (TigerVNC's viewer at low colour, say) cannot be painted by noVNC as is.
+export function formatProblem(buffer, serverInit, audit) {
+    const pf = new Uint8Array(buffer, serverInit.start + 4, Math.max(0, Math.min(16, serverInit.end - serverInit.start - 4)));
+    const changed = audit.filter((e) => e.event === 'pixel_format' && e.offset > 0);
+    if (pf.length < 13 || NOVNC_FORMAT.some((b, i) => pf[i] !== b)) {
+        return `recorded in a ${pf[0]}-bit pixel format noVNC does not replay: colours are wrong here; ` +
+            '`vncgate recording export` decodes it';
+    }
+    if (changed.length) return 'the client changed its pixel format mid-session: colours after that are wrong here';
+    return null;
+}
+
 // ---------------------------------------------------------------- the replaying channel
 
 /// What noVNC's Websock needs of a raw channel (WebSocket / RTCDataChannel-like): born open,
@@ -140,6 +158,7 @@ class Player {
         this.truncated = truncated;
         this.duration = blocks[blocks.length - 1].t;
         this.audit = audit;
+        this.formatProblem = formatProblem(buffer, blocks[2], audit);
         this.speed = 1;
         this.playing = false;
         this.timer = null;
@@ -394,6 +413,7 @@ async function load(rec, play = false) {
     if (rec.incomplete === true) notes.push('incomplete: part of the session was not recorded');
     if (rec.incomplete === null) notes.push('still recording (or ended without its last audit line)');
     if (player.truncated) notes.push('the last block is cut short');
+    if (player.formatProblem) notes.push(player.formatProblem);
     say(`${rec.session_id} · conn ${rec.conn_id}${notes.length ? ` · ${notes.join('; ')}` : ''}`);
     progress(player);
     if (play) player.play();

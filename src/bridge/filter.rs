@@ -66,7 +66,12 @@ impl RfbFilters {
         let view_only_now = *view_only.borrow();
         RfbFilters {
             inbound: Inbound {
-                filter: ClientFilter::new(max_message_bytes).with_audit(audit),
+                filter: match recording {
+                    Some(_) => ClientFilter::new(max_message_bytes)
+                        .with_audit(audit)
+                        .for_recording(),
+                    None => ClientFilter::new(max_message_bytes),
+                },
                 recording: recording.clone(),
                 audited_view_only: view_only_now,
                 clipboard,
@@ -156,6 +161,10 @@ impl Inbound {
         }
         if let (Some(pf), Some(slot)) = (report.pixel_format, &self.slot) {
             *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(pf);
+        }
+        // Queued before the message reaches the backend, so before any update in that format.
+        if let (Some(pf), Some(rec)) = (report.pixel_format, &self.recording) {
+            rec.client_pixel_format(pf);
         }
     }
 }

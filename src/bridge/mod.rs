@@ -38,6 +38,7 @@ use prometheus::{Counter, IntCounter, IntGauge};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
@@ -478,6 +479,11 @@ fn classify_read_error(e: &WsError) -> EndReason {
     }
     match e {
         WsError::Capacity(_) => EndReason::Gateway(CloseCode::TooBig),
+        // The browser's TCP connection ended without a close frame (a tab killed, a network
+        // gone): an abnormal closure by the client, not a protocol error of the gateway's.
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => {
+            EndReason::Client(CloseCode::Abnormal)
+        }
         WsError::Protocol(_) => EndReason::Gateway(CloseCode::ProtocolError),
         WsError::Utf8(_) => EndReason::Gateway(CloseCode::Unsupported),
         _ => EndReason::Client(CloseCode::Abnormal),

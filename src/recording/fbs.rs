@@ -9,6 +9,8 @@
 
 use std::io::{self, Read};
 
+use crate::rfb::PixelFormat;
+
 /// The file header.
 pub const HEADER: &[u8; 12] = b"FBS 001.000\n";
 /// The protocol version a recording presents to its player.
@@ -43,11 +45,21 @@ pub fn prologue(server_init: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Write `pf` into a ServerInit's pixel format (bytes 4..20); a ServerInit too short to have
+/// one is left alone.
+pub fn set_pixel_format(server_init: &mut [u8], pf: &PixelFormat) {
+    if let Some(slot) = server_init.get_mut(4..20) {
+        slot.copy_from_slice(&pf.0);
+    }
+}
+
 /// The parts of a ServerInit a report shows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerInitInfo {
     pub width: u16,
     pub height: u16,
+    /// The pixel format of the updates that follow (the client's, see `client_pixel_format`).
+    pub pixel_format: PixelFormat,
     pub name: String,
 }
 
@@ -75,9 +87,12 @@ fn parse_server_init(bytes: &[u8]) -> Result<Option<(ServerInitInfo, usize)>, Fb
     if bytes.len() < total {
         return Ok(None);
     }
+    let mut format = [0u8; 16];
+    format.copy_from_slice(pf);
     let info = ServerInitInfo {
         width: u16::from_be_bytes([bytes[0], bytes[1]]),
         height: u16::from_be_bytes([bytes[2], bytes[3]]),
+        pixel_format: PixelFormat(format),
         name: String::from_utf8_lossy(&bytes[SERVER_INIT_HEAD..total]).into_owned(),
     };
     Ok(Some((info, total)))
@@ -122,64 +137,105 @@ fn read_exact_or_eof<R: Read>(r: &mut R, buf: &mut Vec<u8>, n: usize) -> io::Res
     Ok(got == n)
 }
 
-/// Validate a whole recording from `r` (streamed: memory stays bounded by the ServerInit).
-pub fn verify<R: Read>(r: R) -> Result<Summary, FbsError> {
-    let mut r = io::BufReader::with_capacity(64 * 1024, r);
-    let mut buf = Vec::new();
-    if !read_exact_or_eof(&mut r, &mut buf, HEADER.len())? || buf != HEADER {
-        return Err(FbsError::Header);
+/// A recording read block by block, the header checked first. Shared by `verify` (which keeps
+/// only the handshake's bytes) and `export` (which decodes every block).
+pub struct Blocks<R> {
+    r: io::BufReader<R>,
+    frame: Vec<u8>,
+    last_ms: u32,
+    /// Complete blocks read so far.
+    pub blocks: u64,
+    /// The file ended inside a block (the writer stopped mid-block: a crash or a full disk).
+    pub truncated: bool,
+}
+
+impl<R: Read> Blocks<R> {
+    pub fn open(r: R) -> Result<Blocks<R>, FbsError> {
+        let mut r = io::BufReader::with_capacity(64 * 1024, r);
+        let mut header = Vec::new();
+        if !read_exact_or_eof(&mut r, &mut header, HEADER.len())? || header != HEADER {
+            return Err(FbsError::Header);
+        }
+        Ok(Blocks {
+            r,
+            frame: Vec::with_capacity(4),
+            last_ms: 0,
+            blocks: 0,
+            truncated: false,
+        })
     }
-    // The first bytes of the stream, kept until the handshake is parsed.
-    let mut prefix: Vec<u8> = Vec::new();
-    let mut server_init: Option<ServerInitInfo> = None;
-    let (mut blocks, mut bytes, mut last_ms) = (0u64, 0u64, 0u32);
-    let mut truncated = false;
-    let mut frame = Vec::with_capacity(4);
-    loop {
-        frame.clear();
-        let got = r.by_ref().take(4).read_to_end(&mut frame)?;
+
+    /// The next block: at most `keep` of its data bytes into `buf` (the rest skipped), and its
+    /// length and timestamp; `None` at the end of the file or at a block cut short.
+    pub fn next_into(
+        &mut self,
+        buf: &mut Vec<u8>,
+        keep: usize,
+    ) -> Result<Option<(usize, u32)>, FbsError> {
+        let r = &mut self.r;
+        self.frame.clear();
+        let got = r.by_ref().take(4).read_to_end(&mut self.frame)?;
         if got == 0 {
-            break;
+            return Ok(None);
         }
-        if got < 4 {
-            truncated = true;
-            break;
-        }
-        let len = u32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]) as usize;
-        let padded = len + padding(len);
-        // Only the handshake's bytes are kept; the rest is counted and skipped.
-        let keep = if server_init.is_none() {
-            len.min(SERVER_INIT_HEAD + MAX_NAME_LEN + 16)
-        } else {
-            0
+        let cut = |b: &mut Blocks<R>| {
+            b.truncated = true;
+            Ok(None)
         };
-        if !read_exact_or_eof(&mut r, &mut buf, keep)? {
-            truncated = true;
-            break;
+        if got < 4 {
+            return cut(self);
+        }
+        let f = &self.frame;
+        let len = u32::from_be_bytes([f[0], f[1], f[2], f[3]]) as usize;
+        let padded = len + padding(len);
+        let keep = keep.min(len);
+        if !read_exact_or_eof(r, buf, keep)? {
+            return cut(self);
         }
         let rest = (padded - keep) as u64;
         if io::copy(&mut r.by_ref().take(rest), &mut io::sink())? < rest {
-            truncated = true;
-            break;
+            return cut(self);
         }
-        if !read_exact_or_eof(&mut r, &mut frame, 4)? {
-            truncated = true;
-            break;
+        if !read_exact_or_eof(r, &mut self.frame, 4)? {
+            return cut(self);
         }
-        let ms = u32::from_be_bytes([frame[0], frame[1], frame[2], frame[3]]);
-        if ms < last_ms {
+        let f = &self.frame;
+        let ms = u32::from_be_bytes([f[0], f[1], f[2], f[3]]);
+        if ms < self.last_ms {
             return Err(FbsError::Timestamp {
-                block: blocks,
+                block: self.blocks,
                 ms,
-                previous: last_ms,
+                previous: self.last_ms,
             });
         }
+        self.last_ms = ms;
+        self.blocks += 1;
+        Ok(Some((len, ms)))
+    }
+}
+
+/// Validate a whole recording from `r` (streamed: memory stays bounded by the ServerInit).
+pub fn verify<R: Read>(r: R) -> Result<Summary, FbsError> {
+    let mut blocks = Blocks::open(r)?;
+    // The first bytes of the stream, kept until the handshake is parsed.
+    let mut prefix: Vec<u8> = Vec::new();
+    let mut server_init: Option<ServerInitInfo> = None;
+    let (mut bytes, mut last_ms) = (0u64, 0u32);
+    let mut buf = Vec::new();
+    loop {
+        // Only the handshake's bytes are kept; the rest is counted and skipped.
+        let keep = match server_init {
+            None => SERVER_INIT_HEAD + MAX_NAME_LEN + 16,
+            Some(_) => 0,
+        };
+        let Some((len, ms)) = blocks.next_into(&mut buf, keep)? else {
+            break;
+        };
         last_ms = ms;
-        blocks += 1;
         bytes += len as u64;
         if server_init.is_none() {
-            prefix.extend_from_slice(&buf[..keep.min(len)]);
-            server_init = handshake(&prefix)?;
+            prefix.extend_from_slice(&buf);
+            server_init = handshake(&prefix)?.map(|(info, _)| info);
         }
     }
     let Some(server_init) = server_init else {
@@ -190,14 +246,15 @@ pub fn verify<R: Read>(r: R) -> Result<Summary, FbsError> {
     Ok(Summary {
         duration_ms: last_ms,
         bytes,
-        blocks,
+        blocks: blocks.blocks,
         server_init,
-        truncated,
+        truncated: blocks.truncated,
     })
 }
 
-/// The handshake at the start of the stream: `None` while more bytes are needed.
-fn handshake(prefix: &[u8]) -> Result<Option<ServerInitInfo>, FbsError> {
+/// The handshake at the start of the stream: `None` while more bytes are needed, else the
+/// ServerInit and the length of the whole handshake.
+pub fn handshake(prefix: &[u8]) -> Result<Option<(ServerInitInfo, usize)>, FbsError> {
     let v = prefix.len().min(RFB_VERSION.len());
     if prefix[..v] != RFB_VERSION[..v] {
         return Err(FbsError::Version);
@@ -209,7 +266,7 @@ fn handshake(prefix: &[u8]) -> Result<Option<ServerInitInfo>, FbsError> {
     if security != 1 {
         return Err(FbsError::Security(security));
     }
-    Ok(parse_server_init(&prefix[16..])?.map(|(info, _)| info))
+    Ok(parse_server_init(&prefix[16..])?.map(|(info, len)| (info, 16 + len)))
 }
 
 #[cfg(test)]
@@ -262,6 +319,9 @@ mod tests {
             ServerInitInfo {
                 width: 800,
                 height: 600,
+                pixel_format: PixelFormat([
+                    32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 16, 8, 0, 0, 0, 0
+                ]),
                 name: "desk".into()
             }
         );

@@ -9,7 +9,13 @@
 //!   dropping (and counting) what the disk cannot take in time.
 //! - [`retention`]: the sweep that removes day directories older than `retention_days`.
 //! - [`verify`]: the report of `vncgate recording verify FILE`.
+//! - [`decode`]: the server stream decoded into pixels, and [`export`]: the framebuffer at a
+//!   moment as a PNG (`vncgate recording export`); [`audit_format`]: the pixel format lines
+//!   they share with the recorder.
 
+pub mod audit_format;
+pub mod decode;
+pub mod export;
 pub mod fbs;
 pub mod recorder;
 pub mod retention;

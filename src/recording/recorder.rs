@@ -19,8 +19,10 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 
 use super::RecordingMetrics;
+use super::audit_format::PixelFormatLine;
 use super::fbs;
 use crate::config::{RecordInput, RecordWhen, RecordingConfig};
+use crate::rfb::PixelFormat;
 
 /// Default bound of one recording's queue: about a second of a busy full-HD desktop.
 pub const DEFAULT_QUEUE_BYTES: usize = 4 * 1024 * 1024;
@@ -35,6 +37,12 @@ pub trait SinkFile: Send + 'static {
     fn write_all(&mut self, data: &[u8]) -> io::Result<()>;
     /// Make what was written durable (fsync), called once when the recording closes.
     fn sync(&mut self) -> io::Result<()>;
+    /// An error when `path` no longer names this file. Writes to a file whose directory was
+    /// removed still succeed (into an inode nobody can reach), so a recording would go on
+    /// "written" and be lost: this is how the writer notices.
+    fn still_named(&self, _path: &Path) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Where recordings are written. Every call runs on tokio's blocking pool, never on a relay.
@@ -70,6 +78,17 @@ impl SinkFile for std::fs::File {
     }
     fn sync(&mut self) -> io::Result<()> {
         self.sync_all()
+    }
+    fn still_named(&self, path: &Path) -> io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let open = self.metadata()?;
+        match std::fs::metadata(path) {
+            Ok(named) if named.dev() == open.dev() && named.ino() == open.ino() => Ok(()),
+            _ => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "the recording's file was removed (its directory deleted or replaced)",
+            )),
+        }
     }
 }
 
@@ -165,7 +184,7 @@ impl Recorder {
             done: done_tx,
             active: None,
         };
-        runtime.spawn(writer.run(rx, fbs::prologue(server_init), line(&start_line)));
+        runtime.spawn(writer.run(rx, server_init.to_vec(), line(&start_line)));
         Some(RecordingHandle {
             shared,
             tx,
@@ -268,6 +287,8 @@ enum Msg {
     Data(Vec<u8>, u32),
     /// One audit line (with its newline); `budgeted` when it took queue budget.
     Line(Vec<u8>, bool),
+    /// The client's SetPixelFormat, on its way to the server.
+    PixelFormat(PixelFormat),
     Finish(String),
 }
 
@@ -376,6 +397,18 @@ impl RecordingHandle {
         let _ = self.tx.send(Msg::Line(bytes, true));
     }
 
+    /// The client asked the server for pixels in `pf` (its SetPixelFormat, seen before it
+    /// reaches the server, so before any update in that format). The recording's ServerInit
+    /// is written with the client's format when no update came before it (every real
+    /// client's case: they set it right after the handshake), so a player reading the `.fbs`
+    /// alone decodes the right colours; a later change is an audit line `pixel_format` with
+    /// the stream offset it applies from, which `vncgate recording export` honours.
+    pub fn client_pixel_format(&self, pf: PixelFormat) {
+        if !self.shared.closed.load(Ordering::Acquire) {
+            let _ = self.tx.send(Msg::PixelFormat(pf));
+        }
+    }
+
     /// End the recording (`reason`: why the session ended, e.g. `closed`, `kicked`): the writer
     /// writes what is queued, the final audit line, fsyncs both files and logs `recording_ended`.
     /// Later calls on any clone do nothing.
@@ -457,7 +490,7 @@ impl Writer {
     async fn run(
         mut self,
         mut rx: mpsc::UnboundedReceiver<Msg>,
-        prologue: Vec<u8>,
+        server_init: Vec<u8>,
         start: Vec<u8>,
     ) {
         self.active = Some(crate::metrics::GaugeGuard::inc(
@@ -468,11 +501,9 @@ impl Writer {
             self.fbs_path.clone(),
             self.jsonl_path.clone(),
         );
-        let prologue_len = prologue.len() as u64;
         let opened = blocking(move || -> io::Result<Files> {
-            let mut fbs = sink.create(&fbs_path)?;
+            let fbs = sink.create(&fbs_path)?;
             let mut audit = sink.create(&jsonl_path)?;
-            fbs.write_all(&prologue)?;
             audit.write_all(&start)?;
             Ok((fbs, audit))
         })
@@ -482,7 +513,9 @@ impl Writer {
             Ok(files) => files,
             Err(e) => return self.ended_with_error(None, 0, &e).await,
         };
-        self.shared.metrics.bytes_total.inc_by(prologue_len);
+        // The handshake is written with the first server bytes (or at the end), so that a
+        // SetPixelFormat the client sends first is in the ServerInit players read.
+        let mut server_init = Some(server_init);
         tracing::info!(
             event = "recording_started",
             session_id = %self.sid,
@@ -513,6 +546,19 @@ impl Writer {
                         }
                         audit_buf.extend_from_slice(&bytes);
                     }
+                    Msg::PixelFormat(pf) => {
+                        let offset = written + data_bytes;
+                        if data_bytes == 0
+                            && let Some(init) = server_init.as_mut()
+                        {
+                            fbs::set_pixel_format(init, &pf);
+                        }
+                        audit_buf.extend_from_slice(&line(&pixel_format_line(
+                            &pf,
+                            offset,
+                            self.shared.elapsed_ms(),
+                        )));
+                    }
                     Msg::Finish(reason) => {
                         finish = Some(reason);
                         break;
@@ -522,9 +568,18 @@ impl Writer {
                     next = rx.try_recv().ok();
                 }
             }
-            let fbs_len = fbs_buf.len() as u64;
+            // Written on its own, so a disk that fails the batch still has the handshake.
+            let handshake = match data_bytes > 0 || finish.is_some() {
+                true => server_init.take().map(|init| fbs::prologue(&init)),
+                false => None,
+            };
+            let fbs_len = (fbs_buf.len() + handshake.as_ref().map_or(0, Vec::len)) as u64;
+            let path = self.fbs_path.clone();
             let result = blocking(move || {
-                let r = write_batch(&mut files, &fbs_buf, &audit_buf);
+                let r = handshake
+                    .map_or(Ok(()), |h| files.0.write_all(&h))
+                    .and_then(|()| write_batch(&mut files, &fbs_buf, &audit_buf))
+                    .and_then(|()| files.0.still_named(&path));
                 (files, r)
             })
             .await;
@@ -547,8 +602,12 @@ impl Writer {
         self.shared.closed.store(true, Ordering::Release);
         let mut outcome = self.outcome(written, reason, None);
         let last = line(&self.ended_line(&outcome));
+        let handshake = server_init.map(|init| fbs::prologue(&init));
         let closed = blocking(move || -> io::Result<()> {
             let (fbs, audit) = &mut files;
+            if let Some(handshake) = handshake {
+                fbs.write_all(&handshake)?;
+            }
             audit.write_all(&last)?;
             fbs.sync()?;
             audit.sync()
@@ -654,6 +713,17 @@ impl Writer {
         }
         let _ = self.done.send(Some(o));
     }
+}
+
+/// The audit line of a client's SetPixelFormat.
+fn pixel_format_line(pf: &PixelFormat, offset: u64, t: u32) -> Value {
+    let line = PixelFormatLine {
+        event: "pixel_format".into(),
+        t,
+        offset,
+        format: (*pf).into(),
+    };
+    serde_json::to_value(line).unwrap_or(Value::Null)
 }
 
 fn write_batch(files: &mut Files, fbs: &[u8], audit: &[u8]) -> io::Result<()> {

@@ -186,6 +186,9 @@ pub struct ClientFilter {
     /// The bytes so far of a header that did not fit in one call (empty between messages).
     head: Vec<u8>,
     audit: Audit,
+    /// The session is recorded: its SetEncodings keeps only the encodings the recording's
+    /// exporter decodes (see [`ClientFilter::for_recording`]).
+    recorded: bool,
     /// The body still to go by of the current message, once its header was judged.
     body: Option<Body>,
 }
@@ -204,7 +207,18 @@ impl ClientFilter {
             head: Vec::new(),
             body: None,
             audit: Audit::default(),
+            recorded: false,
         }
+    }
+
+    /// The session is recorded: its SetEncodings keeps only the encodings
+    /// `vncgate recording export` decodes, the ones the server filter delimits (Raw, CopyRect,
+    /// RRE, Hextile, Zlib, ZRLE and the pseudo-encodings). Tight's JPEG and H.264 are left out:
+    /// decoding them would take a JPEG and an H.264 decoder for a still image, and the server
+    /// picks ZRLE instead, lossless and as compact for desktop content.
+    pub fn for_recording(mut self) -> Self {
+        self.recorded = true;
+        self
     }
 
     /// Report the input a recording's audit keeps (in [`ClientReport::seen`]).
@@ -273,7 +287,7 @@ impl ClientFilter {
             Parse::Frame(frame) => {
                 let end = pos + frame.head_len;
                 let header = rest.get(..frame.head_len).unwrap_or_default();
-                let verdict = judge(&frame.kind, header, policy, report);
+                let verdict = judge(&frame.kind, header, policy, self.recorded, report);
                 if matches!(verdict, Verdict::Pass) {
                     self.audit.observe(&frame.kind, header, report);
                 }
@@ -311,7 +325,7 @@ impl ClientFilter {
         em.withhold(pos, pos + take);
         if let Parse::Frame(frame) = parse_header(&self.head, self.max_cut_text)? {
             let at = pos + take;
-            let verdict = judge(&frame.kind, &self.head, policy, report);
+            let verdict = judge(&frame.kind, &self.head, policy, self.recorded, report);
             if matches!(verdict, Verdict::Pass) {
                 self.audit.observe(&frame.kind, &self.head, report);
             }
@@ -496,7 +510,13 @@ enum Verdict {
 }
 
 /// The policy's decision for a message whose header is complete, counted in `report`.
-fn judge(kind: &Kind, header: &[u8], policy: &Policy, report: &mut ClientReport) -> Verdict {
+fn judge(
+    kind: &Kind,
+    header: &[u8],
+    policy: &Policy,
+    recorded: bool,
+    report: &mut ClientReport,
+) -> Verdict {
     match kind {
         Kind::Plain => Verdict::Pass,
         Kind::PixelFormat(pf) => {
@@ -519,7 +539,7 @@ fn judge(kind: &Kind, header: &[u8], policy: &Policy, report: &mut ClientReport)
             Verdict::Drop
         }
         Kind::CutText => Verdict::Pass,
-        Kind::Encodings => match rewrite_encodings(header, policy) {
+        Kind::Encodings => match rewrite_encodings(header, policy, recorded) {
             Some(bytes) => Verdict::Rewrite(bytes),
             None => Verdict::Pass,
         },
@@ -529,11 +549,11 @@ fn judge(kind: &Kind, header: &[u8], policy: &Policy, report: &mut ClientReport)
 /// The SetEncodings to send instead of `msg`, or `None` when `msg` passes unchanged.
 ///
 /// Without ExtendedClipboard the server falls back to plain cut text, which the filters see
-/// and judge in both directions; the server stream, when delimited, must only use encodings
-/// the server filter can delimit.
-fn rewrite_encodings(msg: &[u8], policy: &Policy) -> Option<Vec<u8>> {
+/// and judge in both directions; the server stream, when delimited or recorded, must only use
+/// encodings the server filter can delimit (and the recording's exporter decode).
+fn rewrite_encodings(msg: &[u8], policy: &Policy, recorded: bool) -> Option<Vec<u8>> {
     let strip_clipboard = policy.clipboard != Clipboard::Both;
-    let only_delimitable = policy.delimits_server_stream();
+    let only_delimitable = policy.delimits_server_stream() || recorded;
     if !strip_clipboard && !only_delimitable {
         return None;
     }

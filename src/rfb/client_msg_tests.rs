@@ -446,6 +446,42 @@ fn set_encodings_keeps_only_delimitable_encodings_in_order_when_the_server_strea
 }
 
 #[test]
+fn a_recorded_session_asks_only_for_encodings_the_exporter_decodes_whatever_the_clipboard() {
+    let expected = set_encodings(&[
+        1,
+        16,
+        5,
+        2,
+        6,
+        0,
+        -26,
+        -254,
+        -223,
+        -224,
+        -258,
+        -261,
+        -308,
+        -309,
+        -312,
+        -313,
+        -307,
+        EXTENDED_CLIPBOARD,
+        -316,
+        -239,
+        -32,
+        -247,
+        -23,
+        -256,
+    ]);
+    let mut filter = ClientFilter::new(MAX_CUT).for_recording();
+    let mut out = BytesMut::new();
+    let (kept, _) = filter
+        .filter(&set_encodings(&NOVNC), &PERMISSIVE, &mut out)
+        .unwrap();
+    assert_eq!((kept, &out[..]), (Kept::Some, &expected[..]));
+}
+
+#[test]
 fn set_encodings_rewrite_edge_cases() {
     let strict = policy(false, Clipboard::None);
     // Nothing to remove: untouched, no copy.

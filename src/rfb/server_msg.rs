@@ -65,13 +65,20 @@ pub fn delimits_rect(enc: i32) -> bool {
 /// The largest header held between calls: a rectangle header.
 pub const MAX_HELD: usize = 12;
 
-const FRAMEBUFFER_UPDATE: u8 = 0;
-const SET_COLOUR_MAP_ENTRIES: u8 = 1;
-const BELL: u8 = 2;
-const SERVER_CUT_TEXT: u8 = 3;
-const END_OF_CONTINUOUS_UPDATES: u8 = 150;
-const FENCE: u8 = 248;
-const XVP: u8 = 250;
+/// Server message types.
+pub mod message {
+    pub const FRAMEBUFFER_UPDATE: u8 = 0;
+    pub const SET_COLOUR_MAP_ENTRIES: u8 = 1;
+    pub const BELL: u8 = 2;
+    pub const SERVER_CUT_TEXT: u8 = 3;
+    pub const END_OF_CONTINUOUS_UPDATES: u8 = 150;
+    pub const FENCE: u8 = 248;
+    pub const XVP: u8 = 250;
+}
+use message::{
+    BELL, END_OF_CONTINUOUS_UPDATES, FENCE, FRAMEBUFFER_UPDATE, SERVER_CUT_TEXT,
+    SET_COLOUR_MAP_ENTRIES, XVP,
+};
 
 /// Hextile subencoding bits (RFC 6143 §7.7.4).
 const HEXTILE_RAW: u8 = 1;

@@ -145,7 +145,8 @@ const commands = {
     },
 
     async type(args) {
-        await pageOf(args).page.keyboard.type(args.text);
+        // delayMs paces the keystrokes like a person typing (a session of some length).
+        await pageOf(args).page.keyboard.type(args.text, { delay: args.delayMs ?? 0 });
         return null;
     },
 

@@ -335,6 +335,12 @@ impl Page {
         self.call("type", json!({ "text": text })).await;
     }
 
+    /// Type with `delay_ms` between keystrokes, as a person would.
+    pub async fn type_paced(&self, text: &str, delay_ms: u64) {
+        self.call("type", json!({ "text": text, "delayMs": delay_ms }))
+            .await;
+    }
+
     pub async fn press(&self, key: &str) {
         self.call("press", json!({ "key": key })).await;
     }
