@@ -191,17 +191,15 @@ async fn token_in_the_url_and_in_the_subprotocol_pass_the_origin_allowlist() {
         .await;
     assert_eq!(rejected["status"], 403);
     page.screenshot("delivery_foreign_origin").await;
-    // Exactly the refusal: Chromium reports the 403, noVNC the socket closed while connecting.
+    // Exactly the refusal, reported by Chromium itself. noVNC logs nothing: the client package
+    // ends its attempt before noVNC sees the socket close.
     let seen = page
-        .assert_clean_console(&[
-            Allowed::chromium_ws_failed(
-                &format!("wss://evil.test:{}/websockify", gw.port),
-                "Error during WebSocket handshake: Unexpected response code: 403",
-            ),
-            Allowed::novnc_failed_connecting(),
-        ])
+        .assert_clean_console(&[Allowed::chromium_ws_failed(
+            &format!("wss://evil.test:{}/websockify", gw.port),
+            "Error during WebSocket handshake: Unexpected response code: 403",
+        )])
         .await;
-    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen.len(), 1, "{seen:?}");
     ctx.close().await;
 }
 
@@ -334,16 +332,13 @@ async fn gateway_restart_reconnects_novnc_to_the_same_desktop_through_redis() {
         .await;
     assert_eq!(restarted["backend"], "desk-b");
     page.screenshot("restart").await;
-    // Allowed: one pair per reconnect attempt that hit no gateway (refused connection, or the
-    // old process's listener while it exits): Chromium's failure and noVNC's.
+    // Allowed: Chromium's own line for each reconnect attempt that hit no gateway (refused
+    // connection, or the old process's listener while it exits), nothing from noVNC.
     let failed = codes.len() - 1;
     let seen = page
-        .assert_clean_console(&[
-            Allowed::chromium_ws_failed(&gw.ws_endpoint(), ""),
-            Allowed::novnc_failed_connecting(),
-        ])
+        .assert_clean_console(&[Allowed::chromium_ws_failed(&gw.ws_endpoint(), "")])
         .await;
-    assert_eq!(seen.len(), 2 * failed, "{seen:?} for {codes:?}");
+    assert_eq!(seen.len(), failed, "{seen:?} for {codes:?}");
     eprintln!("restart: close codes seen by the page {codes:?}; expected console errors {seen:?}");
     ctx.close().await;
 }
@@ -542,15 +537,12 @@ async fn two_users_see_only_their_own_desktops_and_cannot_take_each_others_sessi
     alice.assert_clean_console(&[]).await;
     bob.assert_clean_console(&[]).await;
     let seen = thief
-        .assert_clean_console(&[
-            Allowed::chromium_ws_failed(
-                &gw.ws_endpoint(),
-                "Error during WebSocket handshake: Unexpected response code: 403",
-            ),
-            Allowed::novnc_failed_connecting(),
-        ])
+        .assert_clean_console(&[Allowed::chromium_ws_failed(
+            &gw.ws_endpoint(),
+            "Error during WebSocket handshake: Unexpected response code: 403",
+        )])
         .await;
-    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(seen.len(), 1, "{seen:?}");
     alice_ctx.close().await;
     bob_ctx.close().await;
 }

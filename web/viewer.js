@@ -9,18 +9,21 @@
 //   host=HOST:PORT       WebSocket endpoint override (default: the page's own host)
 //   encrypt=0|1          ws:// or wss:// override (default: wss:// when the page is https)
 //   view_only=1          send no keyboard/pointer input
-//   reconnect=1          reconnect after a lost session (exponential backoff, see below)
-//   reconnect_delay=MS   first reconnect delay (default 1000, doubled per failed attempt, max 30000)
+//   reconnect=1          reconnect after a lost session (the client package's close-code rules
+//                        and full-jitter backoff; a 4001 or a spent token stops: this page has
+//                        no way to get a fresh token)
+//   reconnect_delay=MS   backoff base (default 1000, doubled per failed attempt, max 30000)
 //   logging=LEVEL        noVNC log level: none|error|warn (default)|info|debug
 //
 // For tests, window.vncgate = { rfb, state, closeCode, closeReason, desktopName, ... } (see `vg`).
 //
 // The token is never written to the console by this page. It never reaches noVNC's own
-// logging either: noVNC logs the URL it is given ("connecting to <url>", level info), so this
-// page opens the WebSocket itself and hands noVNC the socket object, never the URL.
+// logging either: the client package (./client/, clients/js) opens the WebSocket itself and
+// hands noVNC the socket object, never the URL.
 
 import RFB from './novnc/core/rfb.js';
 import { initLogging } from './novnc/core/util/logging.js';
+import { connect as connectSession } from './client/index.js';
 
 // ---------------------------------------------------------------- parameters
 
@@ -44,7 +47,6 @@ const viewOnly = truthy(params.get('view_only'));
 const reconnect = truthy(params.get('reconnect'));
 const reconnectDelay = clampInt(params.get('reconnect_delay'), 1000, 100, 600000);
 const RECONNECT_MAX_DELAY = 30000;
-const DISCONNECT_WAIT_MS = 3000; // same as noVNC's own DISCONNECT_TIMEOUT
 
 const logLevel = (params.get('logging') || 'warn').toLowerCase();
 initLogging(['none', 'error', 'warn', 'info', 'debug'].includes(logLevel) ? logLevel : 'warn');
@@ -105,9 +107,6 @@ const CLOSE_HINTS = {
     4008: 'idle timeout',
 };
 
-// Codes after which reconnecting with the same token cannot help.
-const NO_RECONNECT_CODES = new Set([1003, 1008, 1009, 4001, 4003]);
-
 function setStatus(state, text) {
     statusEl.dataset.state = state;
     statusText.textContent = text; // textContent: server-provided strings are never parsed as HTML
@@ -134,7 +133,8 @@ function tokenSecondsLeft() {
     }
 }
 
-function websocketTarget() {
+/// The gateway's WebSocket URL, without the token (the Session adds it per `delivery`).
+function websocketUrl() {
     const page = window.location;
     const secure = params.has('encrypt') ? truthy(params.get('encrypt')) : page.protocol === 'https:';
     const host = params.get('host') || page.host;
@@ -142,149 +142,122 @@ function websocketTarget() {
     if (!/^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:\d{1,5})?$/.test(host)) {
         throw new Error('invalid host parameter');
     }
-    const path = (params.get('path') ?? 'websockify').replace(/^\/+/, '');
-    let url = `${secure ? 'wss' : 'ws'}://${host}/${path}`;
-    let protocols = [];
-    if (delivery === 'protocol') {
-        // CONTRACT §3: a client offering subprotocols must offer `binary`; the gateway selects it.
-        protocols = token ? ['binary', 'bearer.' + token] : ['binary'];
-    } else if (delivery === 'query') {
-        if (token) {
-            url += (path.includes('?') ? '&' : '?') + 'token=' + encodeURIComponent(token);
-        }
-    } else {
+    if (delivery !== 'protocol' && delivery !== 'query') {
         throw new Error('invalid delivery parameter (query or protocol)');
     }
-    return { url, protocols, display: `${secure ? 'wss' : 'ws'}://${host}/${path.split('?')[0]}` };
+    const path = (params.get('path') ?? 'websockify').replace(/^\/+/, '');
+    return `${secure ? 'wss' : 'ws'}://${host}/${path}`;
 }
 
 // ---------------------------------------------------------------- connection
+//
+// The connection is the browser client package's Session (clients/js, served as ./client/):
+// close-code-aware reconnect with full-jitter backoff, the token asked for before every attempt,
+// the socket opened by the Session and handed to noVNC (so the close code is known, and the
+// token-bearing URL never reaches noVNC's logging). This page adds its status line, the
+// credentials form and `window.vncgate`.
 
-let generation = 0;        // events of an older connection are ignored
-let everConnected = false;
+let session = null;
 let userClosed = false;
-let failedAttempts = 0;    // consecutive attempts that never reached 'connected'
-let reconnectTimer = null;
+
+// Counts the sockets this page opens (vg.attempts) and marks each attempt `connecting`. A
+// factory, not a subclass: noVNC checks that the socket's own prototype has WebSocket's methods.
+function CountedWebSocket(url, protocols) {
+    const ws = new WebSocket(url, protocols);
+    vg.attempts += 1;
+    Object.assign(vg, { closeCode: null, closeReason: null, desktopName: null, connectedAt: null });
+    credsForm.hidden = true;
+    setState('connecting');
+    return ws;
+}
+
+// Publishes each RFB as soon as it exists (before any network event can reach it), for the
+// credentials form and the tests' event recorder.
+class PublishedRFB extends RFB {
+    constructor(...args) {
+        super(...args);
+        vg.rfb = this;
+    }
+}
 
 function connect() {
-    clearTimeout(reconnectTimer);
-    reconnectTimer = null;
-    if (vg.rfb && vg.state !== 'disconnected') return;
-
-    const gen = ++generation;
+    if (session && session.state !== 'disconnected') return;
+    session?.destroy();
     userClosed = false;
-    credsForm.hidden = true;
-    Object.assign(vg, {
-        rfb: null, closeCode: null, closeReason: null, clean: null,
-        desktopName: null, securityFailure: null, connectedAt: null,
-    });
-    setState('connecting');
-
-    let target;
+    Object.assign(vg, { securityFailure: null, clean: null });
+    let url;
     try {
-        target = websocketTarget();
+        url = websocketUrl();
     } catch (e) {
         setState('disconnected');
         setStatus('disconnected', `Cannot connect: ${e.message}`);
         return;
     }
-    setStatus('connecting', `Connecting to ${target.display}…`);
-
-    // Close code capture. noVNC's 'disconnect' event only carries detail.clean, and its Websock
-    // wrapper keeps the close event to itself (it logs the code, at error level, only when it fails).
-    // RFB's constructor accepts a WebSocket object instead of a URL (documented in noVNC's
-    // docs/API.md: "urlOrChannel ... can also be a WebSocket"), so the page creates the socket and
-    // listens for 'close' with addEventListener. noVNC itself uses the `onclose` property, which
-    // is a separate listener: neither replaces the other, no global WebSocket patching, no use of
-    // noVNC internals. Our listener is added first, so the code is known before noVNC reacts.
-    // A bonus: the token-bearing URL never passes through noVNC's logging.
-    let ws;
-    try {
-        ws = new WebSocket(target.url, target.protocols);
-    } catch {
-        // The exception message would contain the URL (and the token): do not show it.
-        setState('disconnected');
-        setStatus('disconnected', 'Cannot connect: invalid WebSocket URL');
-        return;
-    }
-    vg.attempts += 1;
-
-    let socketClosed = false;
-    let rfbDisconnected = false;
-    let finishTimer = null;
-
-    const finish = () => {
-        if (gen !== generation || vg.state === 'disconnected') return;
-        clearTimeout(finishTimer);
-        credsForm.hidden = true;
-        setState('disconnected');
-        onDisconnected();
-    };
-
-    ws.addEventListener('close', (e) => {
-        if (gen !== generation) return;
-        socketClosed = true;
-        vg.closeCode = e.code;
-        vg.closeCodes.push(e.code);
-        vg.closeReason = e.reason || '';
-        if (rfbDisconnected) finish();
+    setStatus('connecting', `Connecting to ${url.split('?')[0]}…`);
+    session = connectSession(screenEl, {
+        url,
+        // A page given one token has nothing fresher to offer: a 4001 stops (see 'close').
+        getToken: async () => token || null,
+        delivery: delivery === 'protocol' ? 'protocol' : 'query',
+        viewOnly,
+        reconnect: reconnect
+            ? { initialMs: reconnectDelay, maxMs: RECONNECT_MAX_DELAY }
+            : { maxAttempts: 0 },
+        RFB: PublishedRFB,
+        WebSocket: CountedWebSocket,
+        rfbProperties: { scaleViewport: true, resizeSession: false, clipViewport: false, focusOnClick: !viewOnly },
     });
-
-    let rfb;
-    try {
-        rfb = new RFB(screenEl, ws, { shared: true });
-    } catch (e) {
-        ws.close();
-        setState('disconnected');
-        setStatus('disconnected', `Cannot connect: ${e.message}`);
-        return;
-    }
-    vg.rfb = rfb;
-    rfb.scaleViewport = true;
-    rfb.resizeSession = false;
-    rfb.clipViewport = false;
-    rfb.viewOnly = viewOnly;
-    rfb.focusOnClick = !viewOnly;
-
-    rfb.addEventListener('connect', () => {
-        if (gen !== generation) return;
-        everConnected = true;
-        failedAttempts = 0;
-        vg.connectedAt = performance.now();
-        setState('connected');
-        showConnected();
-        if (!viewOnly) rfb.focus({ preventScroll: true });
-    });
-
-    rfb.addEventListener('desktopname', (e) => {
-        if (gen !== generation) return;
+    session.addEventListener('statechange', (e) => onState(e.detail.state));
+    session.addEventListener('close', (e) => onClose(e.detail));
+    session.addEventListener('desktopname', (e) => {
         vg.desktopName = e.detail.name;
         document.title = e.detail.name ? `${e.detail.name} · vncgate` : 'vncgate';
         if (vg.state === 'connected') showConnected();
     });
-
-    rfb.addEventListener('securityfailure', (e) => {
-        if (gen !== generation) return;
-        vg.securityFailure = { status: e.detail.status, reason: e.detail.reason ?? null };
+    session.addEventListener('credentialsrequired', (e) => askCredentials(e.detail.types || ['password']));
+    session.addEventListener('error', (e) => {
+        // Never e.detail.error.message: for a bad URL it contains the URL, so the token.
+        if (e.detail.source === 'rfb') setStatus('disconnected', 'Cannot connect: the browser refused the WebSocket URL');
     });
+}
 
-    rfb.addEventListener('credentialsrequired', (e) => {
-        if (gen !== generation) return;
-        askCredentials(e.detail.types || ['password']);
-    });
+function onState(state) {
+    // vg.rfb is set once per RFB, by PublishedRFB (an observer of that property attaches once).
+    if (state === 'connected') {
+        vg.connectedAt = performance.now();
+        setState('connected');
+        showConnected();
+        if (!viewOnly) session.rfb?.focus({ preventScroll: true });
+    } else if (state === 'disconnected') {
+        vg.rfb = null;
+        setState('disconnected');
+    }
+}
 
-    rfb.addEventListener('disconnect', (e) => {
-        if (gen !== generation) return;
-        rfbDisconnected = true;
-        vg.clean = !!e.detail.clean;
-        // noVNC can give up (protocol or security failure) before the socket has closed;
-        // wait for the close event so closeCode is set when state becomes 'disconnected'.
-        if (socketClosed || ws.readyState === WebSocket.CLOSED) {
-            finish();
-        } else {
-            finishTimer = setTimeout(finish, DISCONNECT_WAIT_MS);
-        }
-    });
+function onClose(close) {
+    vg.closeCode = close.code;
+    vg.closeCodes.push(close.code);
+    vg.closeReason = close.reason || '';
+    vg.clean = close.code === 1000;
+    credsForm.hidden = true;
+    if (close.securityFailure) {
+        const sf = close.securityFailure;
+        vg.securityFailure = { status: sf.status, reason: sf.reason ?? null };
+        setStatus('disconnected', `Security failure${sf.reason ? `: ${sf.reason}` : ` (status ${sf.status})`}`);
+        return;
+    }
+    let text = userClosed ? 'Disconnected' : `Disconnected (${describeClose()})`;
+    const left = tokenSecondsLeft();
+    if (close.willRetry && !userClosed && (close.code === 4001 || (left !== null && left <= 0))) {
+        // The token is spent and this page cannot get another: stop rather than retry in vain.
+        session.close();
+        text += ' · token expired';
+    } else if (close.willRetry && !userClosed) {
+        text += ` · reconnecting in ${Math.max(1, Math.round(close.delayMs / 1000))} s`;
+    }
+    // Between attempts the page shows 'disconnected' (with the reconnect note), as before.
+    setState('disconnected');
+    setStatus('disconnected', text);
 }
 
 function showConnected() {
@@ -301,38 +274,12 @@ function describeClose() {
     return text;
 }
 
-function onDisconnected() {
-    vg.rfb = null;
-    if (vg.securityFailure) {
-        const sf = vg.securityFailure;
-        setStatus('disconnected', `Security failure${sf.reason ? `: ${sf.reason}` : ` (status ${sf.status})`}`);
-        return; // a wrong password or refused security type will not get better by retrying
-    }
-    let text = userClosed ? 'Disconnected' : `Disconnected (${describeClose()})`;
-    if (!userClosed && vg.connectedAt === null) failedAttempts += 1;
-
-    const left = tokenSecondsLeft();
-    const canRetry = reconnect && !userClosed && everConnected &&
-        !NO_RECONNECT_CODES.has(vg.closeCode) && (left === null || left > 0);
-    if (canRetry) {
-        const delay = Math.min(RECONNECT_MAX_DELAY, reconnectDelay * 2 ** Math.min(failedAttempts, 16));
-        text += ` · reconnecting in ${Math.max(1, Math.round(delay / 1000))} s`;
-        reconnectTimer = setTimeout(connect, delay);
-    } else if (reconnect && left !== null && left <= 0) {
-        text += ' · token expired';
-    }
-    setStatus('disconnected', text);
-}
-
 function userDisconnect() {
-    clearTimeout(reconnectTimer);
-    reconnectTimer = null;
     userClosed = true;
-    if (vg.rfb && vg.state !== 'disconnected') {
-        vg.rfb.disconnect();
-    } else {
-        setStatus('disconnected', 'Disconnected');
+    if (session && session.state !== 'disconnected') {
+        session.close();
     }
+    setStatus('disconnected', 'Disconnected');
 }
 
 // ---------------------------------------------------------------- credentials (VNC password)

@@ -237,14 +237,6 @@ impl Allowed {
         }
     }
 
-    /// noVNC's error when the socket closes before the RFB session was established.
-    pub fn novnc_failed_connecting() -> Allowed {
-        Allowed {
-            prefix: "Failed when connecting: Connection closed (code: 1006)".into(),
-            contains: String::new(),
-        }
-    }
-
     pub fn matches(&self, text: &str) -> bool {
         text.starts_with(&self.prefix) && text.contains(&self.contains)
     }

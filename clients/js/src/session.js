@@ -220,6 +220,8 @@ export class Session extends EventTarget {
             ...(conn.securityFailure ? { securityFailure: conn.securityFailure } : {}),
         };
         this._emit('close', this.lastClose);
+        // A `close` listener may have ended the session (close(), destroy()): no retry then.
+        if (this.state === 'disconnected' || this._destroyed) return;
         if (willRetry) this._scheduleRetry(delayMs, decision === REFRESH ? 'expired' : 'retry');
         else this._end();
     }

@@ -175,6 +175,21 @@ test('close() during the backoff wait cancels the retry', async () => {
     assert.equal(env.WebSocket.all.length, 1);
 });
 
+test('close() from a close listener ends the session: no retry is scheduled', async () => {
+    const env = makeEnv();
+    const s = connect(env.element, env.options);
+    await flush();
+    establish(env);
+    // An app that cannot refresh its token stops on 4001 from its own listener.
+    s.addEventListener('close', (e) => { if (e.detail.code === 4001) s.close(); });
+    env.WebSocket.all[0].serverClose(4001);
+    assert.equal(s.state, 'disconnected');
+    assert.equal(env.timers.pending.size, 0);
+    mock.timers.tick(60000);
+    await flush();
+    assert.equal(env.WebSocket.all.length, 1);
+});
+
 test('a failing getToken is reported and retried with backoff', async () => {
     let fail = true;
     const env = makeEnv({
