@@ -83,9 +83,7 @@ pub enum RecordingCommand {
 /// `--at`: non-negative seconds, as milliseconds.
 fn parse_seconds(s: &str) -> Result<u64, String> {
     match s.parse::<f64>() {
-        Ok(secs) if (0.0..1e12).contains(&secs) => {
-            Ok((secs * 1000.0).round() as u64)
-        }
+        Ok(secs) if (0.0..1e12).contains(&secs) => Ok((secs * 1000.0).round() as u64),
         _ => Err(format!("{s:?} is not a number of seconds >= 0")),
     }
 }

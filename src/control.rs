@@ -52,6 +52,11 @@ pub async fn apply(gw: &Gateway, event: &ControlEvent) -> usize {
             gw.router
                 .revoke_locally(jti, Duration::from_millis(*ttl_ms))
                 .await;
+            // Its event streams end too (not counted: the answer counts connections).
+            gw.sessions
+                .end_streams_where(crate::sessions::StreamEnd::Revoked, |s| {
+                    s.jti.as_deref() == Some(jti.as_str())
+                });
             gw.sessions.close_where(CloseCode::Kicked, |s| {
                 s.jti.as_deref() == Some(jti.as_str())
             })

@@ -101,6 +101,8 @@ pub struct Metrics {
     pub backend_auth_failures_total: IntCounterVec,
     /// The accept path's own series (pre-auth connections, refused connections).
     pub edge: crate::gateway::pre_auth::EdgeMetrics,
+    /// `vncgate_event_streams` (registered by `gateway::events`).
+    pub events: crate::gateway::events::EventMetrics,
     /// Dynamic backends and the cluster-wide view (registry size, cluster session counts).
     pub directory: crate::routing::directory::DirectoryMetrics,
     /// Not in the contract's table (additions): `vncgate_store_topology`,
@@ -134,6 +136,7 @@ impl Metrics {
     pub fn new(config: &Config) -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
         let edge = crate::gateway::pre_auth::EdgeMetrics::register(&registry)?;
+        let events = crate::gateway::events::EventMetrics::register(&registry)?;
         let directory = crate::routing::directory::DirectoryMetrics::register(&registry)?;
         directory.init(config);
         let message_buffer_bytes = IntGauge::new(
@@ -160,6 +163,7 @@ impl Metrics {
                 &registry, config,
             )?,
             edge,
+            events,
             directory,
             message_buffer_bytes,
             message_buffer_budget_bytes,

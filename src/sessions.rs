@@ -2,6 +2,7 @@
 //! handle each, so drain, kick, revocation and expiry all reach a session the same way: one
 //! watch channel per session carrying the close code to end it with. A second watch carries
 //! the connection's input mode, which the admin switch changes while the session runs.
+//! Every change of a session's connections also wakes its event streams ([`streams`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -12,6 +13,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::bridge::CloseCode;
+
+mod streams;
+pub use streams::{EventStream, SessionSignal, StreamEnd, StreamInfo, StreamLimits, StreamRefused};
 
 #[derive(Debug, Clone)]
 pub struct SessionInfo {
@@ -31,6 +35,10 @@ pub struct SessionInfo {
     /// Whether the gateway filters this connection's input (terminate mode); a transparent
     /// session's input mode cannot be switched.
     pub input_switchable: bool,
+    /// The 101 went out and the session relays (before: admission, placement, backend connect).
+    pub connected: bool,
+    /// This connection is recorded (contract §12).
+    pub recorded: bool,
 }
 
 /// How a connection relates to its session (contract §7, §11).
@@ -82,6 +90,7 @@ pub struct Registry {
     /// Set by [`Registry::close_all_from_now`]: sessions registering afterwards (their upgrade
     /// was already under way) start closed with this code.
     closing: Mutex<Option<CloseCode>>,
+    streams: streams::Streams,
 }
 
 /// Removes the session from the registry when the session task ends, however it ends.
@@ -93,10 +102,13 @@ pub struct Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         let mut entries = self.registry.lock();
-        entries.remove(&self.conn_id);
+        let gone = entries.remove(&self.conn_id);
         // Published under the lock: two sessions ending at once must not publish out of order
         // (a stale 1 after 0 would leave the drain waiting for a session that is gone).
         self.registry.count.send_replace(entries.len());
+        if let Some(gone) = gone {
+            self.registry.streams.touch(&gone.info.session_id, |_| {});
+        }
     }
 }
 
@@ -107,6 +119,7 @@ impl Default for Registry {
             next_conn_id: AtomicU64::new(1),
             count: watch::Sender::new(0),
             closing: Mutex::new(None),
+            streams: streams::Streams::default(),
         }
     }
 }
@@ -140,6 +153,7 @@ impl Registry {
         let (tx, rx) = watch::channel(closing);
         let (mode_tx, mode_rx) = watch::channel(view_only);
         let conn_id = info.conn_id;
+        let session_id = info.session_id.clone();
         let mut entries = self.lock();
         entries.insert(
             conn_id,
@@ -150,6 +164,8 @@ impl Registry {
             },
         );
         self.count.send_replace(entries.len());
+        // Lock order: entries, then streams (never the other way round).
+        self.streams.touch(&session_id, |_| {});
         (
             Registration {
                 registry: Arc::clone(self),
@@ -167,6 +183,18 @@ impl Registry {
     pub fn update(&self, conn_id: u64, f: impl FnOnce(&mut SessionInfo)) {
         if let Some(entry) = self.lock().get_mut(&conn_id) {
             f(&mut entry.info);
+            self.streams.touch(&entry.info.session_id, |_| {});
+        }
+    }
+
+    /// The connection relays (its 101 went out): it shows in its session's events, and the
+    /// session's backend is up again.
+    pub fn connected(&self, conn_id: u64, recorded: bool) {
+        if let Some(entry) = self.lock().get_mut(&conn_id) {
+            entry.info.connected = true;
+            entry.info.recorded = recorded;
+            self.streams
+                .touch(&entry.info.session_id, |s| s.backend_lost = false);
         }
     }
 
@@ -188,6 +216,7 @@ impl Registry {
                 changed
             });
             if changed {
+                self.streams.touch(&entry.info.session_id, |_| {});
                 tracing::info!(
                     event = "input_mode_changed",
                     conn_id = entry.info.conn_id,
@@ -227,6 +256,7 @@ impl Registry {
     /// Close every session with `code`, including those that register later (drain).
     pub fn close_all_from_now(&self, code: CloseCode) -> usize {
         *self.closing.lock().unwrap_or_else(|p| p.into_inner()) = Some(code);
+        self.streams.end_all_from_now(StreamEnd::Draining);
         self.close_all(code)
     }
 
@@ -246,6 +276,18 @@ impl Registry {
     pub fn live(&self) -> Vec<LiveSession> {
         self.lock()
             .values()
+            .map(|e| LiveSession {
+                info: e.info.clone(),
+                view_only: *e.view_only.borrow(),
+            })
+            .collect()
+    }
+
+    /// The live connections of one session with their input modes.
+    pub fn session(&self, session_id: &str) -> Vec<LiveSession> {
+        self.lock()
+            .values()
+            .filter(|e| e.info.session_id == session_id)
             .map(|e| LiveSession {
                 info: e.info.clone(),
                 view_only: *e.view_only.borrow(),
@@ -291,6 +333,8 @@ mod tests {
             started_at_ms: 0,
             role: Role::Owner,
             input_switchable: true,
+            connected: true,
+            recorded: false,
         }
     }
 

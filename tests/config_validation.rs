@@ -1058,3 +1058,28 @@ fn connection_limits_have_defaults_and_bounds() {
         ]
     );
 }
+
+/// `events_path` (contract §14): default `/vncgate/events`, a path of its own.
+#[rstest]
+#[case::custom("events_path: /app/events\n", Ok("/app/events"))]
+#[case::relative(
+    "events_path: events\n",
+    Err(r#"events_path: must start with "/": "events""#)
+)]
+#[case::query(
+    "events_path: \"/e?x=1\"\n",
+    Err(r#"events_path: must not contain "?": "/e?x=1""#)
+)]
+#[case::an_upgrade_path(
+    "events_path: /websockify\n",
+    Err(r#"events_path: "/websockify" is also in paths: a request goes to one or the other"#)
+)]
+#[case::healthz("events_path: /healthz\n", Err("events_path: must not be /healthz"))]
+fn events_path(#[case] yaml: &str, #[case] want: Result<&str, &str>) {
+    let vars = [("VNCGATE_JWT_SECRET", SECRET)];
+    assert_eq!(load_ok(MINIMAL, &vars).events_path, "/vncgate/events");
+    match want {
+        Ok(path) => assert_eq!(load_ok(&minimal_with(yaml), &vars).events_path, path),
+        Err(line) => assert_eq!(errors(&minimal_with(yaml), &vars), [line]),
+    }
+}

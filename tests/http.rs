@@ -85,6 +85,128 @@ async fn static_files(#[case] path: &str, #[case] status: u16, #[case] content_t
     assert!(!body.contains("secret"), "{path} escaped the web root");
 }
 
+/// One request on a fresh connection: (status, response headers with lower-case names, body).
+async fn request(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, std::collections::HashMap<String, String>, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.expect("read");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").expect("head");
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .expect("status");
+    let fields = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    (status, fields, body.to_owned())
+}
+
+/// Issue 16: web_root files carry validators and `Cache-Control: no-cache`, a conditional GET
+/// is answered 304 without a body while the file is unchanged and 200 once it changed on disk,
+/// even when the new file has the old one's size and mtime (a copy made with `cp -p`).
+#[tokio::test]
+async fn web_root_files_are_revalidated_with_etags() {
+    let (_backend, gw, root) = gateway_with_web_root().await;
+    std::fs::write(root.path().join("playback.html"), "<!doctype html>p").expect("playback");
+
+    let (status, first, body) = request(gw.port, "GET", "/app.js", &[]).await;
+    assert_eq!((status, body.as_str()), (200, "export const x = 1;"));
+    let etag = first.get("etag").expect("an ETag").clone();
+    assert!(
+        etag.starts_with('"') && etag.ends_with('"'),
+        "strong tag: {etag}"
+    );
+    assert_eq!(first["cache-control"], "no-cache");
+    let last_modified = first.get("last-modified").expect("Last-Modified").clone();
+    let (_, index, _) = request(gw.port, "GET", "/", &[]).await;
+    assert_eq!(
+        index["cache-control"], "no-cache",
+        "HTML is revalidated on every load"
+    );
+    assert!(index.contains_key("etag"));
+
+    // Unchanged: 304, no body, the same validators and caching.
+    for condition in [
+        ("If-None-Match", etag.as_str()),
+        ("If-Modified-Since", &last_modified),
+    ] {
+        let (status, h, body) = request(gw.port, "GET", "/app.js", &[condition]).await;
+        assert_eq!(status, 304, "{condition:?}");
+        assert!(body.is_empty(), "a 304 has no body: {body:?}");
+        assert_eq!(h["etag"], etag);
+        assert_eq!(h["cache-control"], "no-cache");
+    }
+    let weak_list = format!("\"other\", W/{etag}");
+    assert_eq!(
+        request(gw.port, "GET", "/app.js", &[("If-None-Match", &weak_list)])
+            .await
+            .0,
+        304
+    );
+    let (status, h, body) = request(gw.port, "HEAD", "/app.js", &[]).await;
+    assert_eq!((status, body.as_str()), (200, ""));
+    assert_eq!(
+        (h["etag"].as_str(), h["content-length"].as_str()),
+        (etag.as_str(), "19")
+    );
+
+    // Changed on disk, same size, mtime put back: the tag follows the content. If-None-Match
+    // wins over an If-Modified-Since that alone would have said 304.
+    let file = root.path().join("app.js");
+    let mtime = std::fs::metadata(&file)
+        .and_then(|m| m.modified())
+        .expect("mtime");
+    std::fs::write(&file, "export const x = 2;").expect("rewrite");
+    std::fs::File::options()
+        .write(true)
+        .open(&file)
+        .and_then(|f| f.set_modified(mtime))
+        .expect("set mtime");
+    let (status, h, body) = request(
+        gw.port,
+        "GET",
+        "/app.js",
+        &[
+            ("If-None-Match", &etag),
+            ("If-Modified-Since", &last_modified),
+        ],
+    )
+    .await;
+    assert_eq!((status, body.as_str()), (200, "export const x = 2;"));
+    assert_ne!(h["etag"], etag);
+
+    // The admin listener's playback page is served the same way.
+    let (status, h, _) = request(gw.admin_port, "GET", "/playback.html", &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(h["cache-control"], "no-cache");
+    let (status, _, body) = request(
+        gw.admin_port,
+        "GET",
+        "/playback.html",
+        &[("If-None-Match", &h["etag"])],
+    )
+    .await;
+    assert_eq!((status, body.as_str()), (304, ""));
+}
+
 #[tokio::test]
 async fn health_readiness_metrics_and_admin_auth() {
     let backend = RfbServer::start(Mode::Echo).await.expect("fixture");

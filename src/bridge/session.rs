@@ -180,6 +180,10 @@ pub async fn serve(start: SessionStart) {
         return;
     };
     let code = outcome.end.code();
+    if code == CloseCode::TryAgain {
+        // The session's event streams say `backend: lost` now, not two health checks later.
+        env.registry.backend_lost(&sid);
+    }
     env.metrics
         .disconnects_total
         .with_label_values(&[&outcome.end.counted_code().as_u16().to_string()])

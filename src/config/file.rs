@@ -23,6 +23,7 @@ pub(super) struct RawConfig {
     pub listeners: Option<Vec<RawListener>>,
     pub paths: Option<Vec<String>>,
     pub web_root: Option<String>,
+    pub events_path: Option<String>,
     pub admin: Option<RawAdmin>,
     pub auth: Option<RawAuth>,
     pub store: Option<RawStore>,

@@ -50,6 +50,8 @@ pub struct Config {
     /// Request paths (exact match, no query) that accept the WebSocket upgrade.
     pub paths: Vec<String>,
     pub web_root: Option<PathBuf>,
+    /// `GET` on this path (exact, no query) streams the token's session events (contract §14).
+    pub events_path: String,
     pub admin: Option<AdminConfig>,
     pub auth: AuthConfig,
     pub store: StoreConfig,

@@ -156,6 +156,7 @@ pub(super) fn resolve(raw: RawConfig, env: Environment<'_>) -> Result<Config, Co
     let web_root = raw
         .web_root
         .map(|dir| check_dir(&mut p, env, "web_root", &dir));
+    let events_path = resolve_events_path(&mut p, raw.events_path, &paths);
     let admin = raw
         .admin
         .map(|admin| resolve_admin(&mut p, admin, env, &listeners));
@@ -185,6 +186,7 @@ pub(super) fn resolve(raw: RawConfig, env: Environment<'_>) -> Result<Config, Co
         listeners,
         paths,
         web_root,
+        events_path,
         admin,
         auth,
         store,
@@ -315,6 +317,28 @@ fn resolve_paths(p: &mut Problems, raw: Option<Vec<String>>) -> Vec<String> {
         }
     }
     paths
+}
+
+/// The default path of the session events stream (contract §14).
+pub const DEFAULT_EVENTS_PATH: &str = "/vncgate/events";
+
+/// `events_path`: a path of its own, like `paths`, and neither an upgrade path nor `/healthz`
+/// (a request goes to exactly one of them).
+fn resolve_events_path(p: &mut Problems, raw: Option<String>, paths: &[String]) -> String {
+    let path = raw.unwrap_or_else(|| DEFAULT_EVENTS_PATH.to_owned());
+    if !path.starts_with('/') {
+        p.add("events_path", format!("must start with \"/\": {path:?}"));
+    } else if path.contains('?') {
+        p.add("events_path", format!("must not contain \"?\": {path:?}"));
+    } else if paths.contains(&path) {
+        p.add(
+            "events_path",
+            format!("{path:?} is also in paths: a request goes to one or the other"),
+        );
+    } else if path == "/healthz" {
+        p.add("events_path", "must not be /healthz");
+    }
+    path
 }
 
 fn resolve_admin(

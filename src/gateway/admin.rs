@@ -338,6 +338,11 @@ impl HttpServerApp for AdminApp {
         if !respond::read_request(&mut session, shutdown).await {
             return None;
         }
+        // The playback page's files carry validators and may be answered 304.
+        let mut session = match self.playback_asset(session).await {
+            Ok(answered) => return answered,
+            Err(session) => session,
+        };
         // Recording downloads are streamed (they can be gigabytes), not built as a whole body.
         let response = match self.recording_download(&session).await {
             Some(Ok(download)) => {
@@ -365,7 +370,11 @@ impl AdminApp {
             ("GET", "/healthz") => json_response(StatusCode::OK, json!({ "status": "ok" })),
             ("GET", "/readyz") => self.readyz(),
             ("GET" | "HEAD", p) if super::admin_recordings::is_playback_asset(p) => {
-                self.playback_asset(p).await
+                // Not served above: no web_root, or no such file under it.
+                error(
+                    ErrorCode::NotFound,
+                    "no such path (the playback page needs web_root)",
+                )
             }
             ("GET", "/metrics") => {
                 let body = self.0.metrics.render();

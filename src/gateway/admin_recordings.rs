@@ -350,24 +350,23 @@ pub(super) fn is_playback_asset(path: &str) -> bool {
 }
 
 impl AdminApp {
-    /// A playback asset (see [`is_playback_asset`]); 404 without `web_root`. Paths are resolved
-    /// by [`static_files`](super::static_files), which refuses any way out of the root.
-    pub(super) async fn playback_asset(&self, path: &str) -> Response<Vec<u8>> {
-        let Some(root) = self.0.config().web_root.clone() else {
-            return error(
-                ErrorCode::NotFound,
-                "no web_root: the playback page is not served",
-            );
-        };
-        let Some(file) = Box::pin(super::static_files::load(&root, path)).await else {
-            return error(ErrorCode::NotFound, "no such path");
-        };
-        Response::builder()
-            .status(StatusCode::OK)
-            .header(http::header::CONTENT_TYPE, file.content_type)
-            .header(http::header::CONTENT_LENGTH, file.body.len())
-            .body(file.body)
-            .unwrap_or_default()
+    /// A playback asset (see [`is_playback_asset`]), with the same validators and caching as
+    /// on the public listeners; `Err(session)` when it is not one or there is no such file
+    /// (the router answers 404). Paths are resolved by [`static_files`](super::static_files),
+    /// which refuses any way out of the root.
+    pub(super) async fn playback_asset(
+        &self,
+        session: ServerSession,
+    ) -> Result<Option<ReusedHttpStream>, ServerSession> {
+        let req = session.req_header();
+        let readable = req.method == http::Method::GET || req.method == http::Method::HEAD;
+        let path = req.uri.path().to_owned();
+        match self.0.config().web_root.clone() {
+            Some(root) if readable && is_playback_asset(&path) => {
+                Box::pin(super::static_files::serve(session, &root, &path)).await
+            }
+            _ => Err(session),
+        }
     }
 }
 

@@ -3,7 +3,8 @@
 //! - [`connection`] takes each accepted connection (PROXY header, pre-auth caps in
 //!   [`pre_auth`], TLS, request heads under a deadline in `head`) and hands each request to
 //!   [`App::serve`], which routes it: a WebSocket upgrade on a configured path ([`upgrade`]),
-//!   `/healthz`, a static file from `web_root` ([`static_files`]), or 404.
+//!   the session events stream ([`events`]), `/healthz`, a static file from `web_root`
+//!   ([`static_files`]), or 404.
 //! - [`refusal`] is the one table from any refusal to its HTTP status and contract code.
 //! - [`admin`] is the separate admin listener (`/healthz`, `/readyz`, `/metrics`, `/admin/*`).
 
@@ -12,6 +13,7 @@ mod admin_backends;
 pub mod admin_listener;
 mod admin_recordings;
 pub mod connection;
+pub mod events;
 pub mod handshake;
 mod head;
 pub mod pre_auth;
@@ -122,6 +124,9 @@ impl App {
         if config.paths.contains(&path) {
             return upgrade::handle(gw, session, conn).await;
         }
+        if path == config.events_path {
+            return Box::pin(events::handle(gw, session, conn)).await;
+        }
         let method = session.req_header().method.clone();
         let readable = method == http::Method::GET || method == http::Method::HEAD;
         if readable && path == "/healthz" {
@@ -133,19 +138,15 @@ impl App {
             ))
             .await;
         }
-        if readable
-            && let Some(root) = &config.web_root
-            && let Some(file) = Box::pin(static_files::load(root, &path)).await
-        {
-            return Box::pin(respond::send(
-                session,
-                StatusCode::OK,
-                &file.content_type,
-                file.body,
-                &[],
-            ))
-            .await;
-        }
+        let session = match &config.web_root {
+            Some(root) if readable => {
+                match Box::pin(static_files::serve(session, root, &path)).await {
+                    Ok(answered) => return answered,
+                    Err(not_found) => not_found,
+                }
+            }
+            _ => session,
+        };
         let refusal = Refusal::new(ErrorCode::NotFound, "no such path");
         Box::pin(respond::send(
             session,

@@ -8,6 +8,7 @@ use http::StatusCode;
 use crate::admission::AdmissionError;
 use crate::auth::AuthError;
 use crate::routing::RoutingError;
+use crate::sessions::StreamRefused;
 
 /// Every error code of contract §5.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -239,6 +240,17 @@ impl From<RoutingError> for Refusal {
             RoutingError::PoolUnknown(_) => ErrorCode::PoolUnknown,
             RoutingError::BackendNotAllowed => ErrorCode::BackendNotAllowed,
             RoutingError::NothingToJoin => ErrorCode::NotFound,
+        };
+        Refusal::new(code, e.to_string())
+    }
+}
+
+/// Event streams over their bounds (`GET /vncgate/events`, [`super::events`]).
+impl From<StreamRefused> for Refusal {
+    fn from(e: StreamRefused) -> Self {
+        let code = match e {
+            StreamRefused::PerSession | StreamRefused::PerUser => ErrorCode::TooManySessions,
+            StreamRefused::Total => ErrorCode::OverCapacity,
         };
         Refusal::new(code, e.to_string())
     }

@@ -117,6 +117,7 @@ fn session_start(gw: &Arc<Gateway>, upgraded: Upgraded, conn_id: u64) -> Session
     let recorder = recorder
         .should_record(admitted.claims.record)
         .then_some(recorder);
+    gw.sessions.connected(conn_id, recorder.is_some());
     SessionStart {
         created_pin: admitted.placement.created.clone(),
         conn_id,
@@ -281,6 +282,8 @@ async fn admit(
             started_at_ms: crate::routing::store::unix_ms(),
             role: Role::Owner,
             input_switchable: terminate,
+            connected: false,
+            recorded: false,
         },
         terminate && claims.starts_view_only(),
     );
