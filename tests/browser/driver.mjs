@@ -10,6 +10,7 @@
 // and exit. Nothing else is written to stdout; diagnostics go to stderr. Tokens are redacted from
 // everything this script prints. See tests/browser/README.md for the commands.
 
+import { createHmac } from 'node:crypto';
 import { createInterface } from 'node:readline';
 import {
     launchChromium, redact, pageSnapshot, pageStateReached, pageFbToClient, pageColorAt,
@@ -229,7 +230,47 @@ const commands = {
     async xLatency(args) {
         return measureXChangeLatency(pageOf(args).page, args);
     },
+
+    // The app backend's token endpoint, played by the driver: POSTs to args.path on the page's
+    // origin are answered {token} with an HS256 JWT for {sub, sid (from the request), exp, iat}
+    // plus args.claims. args.ttls: lifetimes in seconds of the 1st, 2nd... token (the last one
+    // repeats). Every request is recorded (see tokenCalls).
+    async routeTokens(args) {
+        const p = pageOf(args);
+        p.tokenCalls = [];
+        await p.page.route((url) => url.pathname === args.path, async (route) => {
+            let body = {};
+            try { body = JSON.parse(route.request().postData() || '{}'); } catch { /* empty */ }
+            const ttl = args.ttls[Math.min(p.tokenCalls.length, args.ttls.length - 1)];
+            const now = Math.floor(Date.now() / 1000);
+            const claims = { sub: args.sub, sid: body.sid, iat: now, exp: now + ttl, ...args.claims };
+            p.tokenCalls.push({ sid: body.sid ?? null, reason: body.reason ?? null, ttl, at: Date.now() });
+            await route.fulfill({ status: 200, contentType: 'application/json', body: JSON.stringify({ token: hs256(claims, args.secret) }) });
+        });
+        return null;
+    },
+
+    async tokenCalls(args) {
+        return pageOf(args).tokenCalls ?? [];
+    },
+
+    // The value of a JSON-serializable expression evaluated in the page.
+    async evaluate(args) {
+        return pageOf(args).page.evaluate((expr) => JSON.parse(JSON.stringify((0, eval)(expr) ?? null)), args.expr);
+    },
+
+    // Waits (per animation frame) until the expression is truthy in the page; returns its value.
+    async waitFor(args) {
+        const { page } = pageOf(args);
+        return pollRaf(page, (expr) => { const v = (0, eval)(expr); return v ? JSON.parse(JSON.stringify(v)) : false; }, args.expr, args.timeoutMs);
+    },
 };
+
+function hs256(claims, secret) {
+    const b64 = (obj) => Buffer.from(JSON.stringify(obj)).toString('base64url');
+    const head = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64(claims)}`;
+    return `${head}.${createHmac('sha256', secret).update(head).digest('base64url')}`;
+}
 
 async function handle(line) {
     let req;

@@ -499,6 +499,8 @@ pub struct GwSpec<'a> {
     pub env: Vec<(String, String)>,
     /// Extra top-level YAML appended verbatim (e.g. a `recording:` section); empty = none.
     pub extra: String,
+    /// `web_root`; `None` = the repository's `web/` (the viewer page).
+    pub web_root: Option<PathBuf>,
 }
 
 impl<'a> GwSpec<'a> {
@@ -521,6 +523,7 @@ impl<'a> GwSpec<'a> {
             health_check_interval_seconds: 0,
             env: Vec::new(),
             extra: String::new(),
+            web_root: None,
         }
     }
 
@@ -627,7 +630,11 @@ impl Gw {
             d = dir.path().display(),
             cert = cert.display(),
             key = key.display(),
-            web = root().join("web").display(),
+            web = spec
+                .web_root
+                .clone()
+                .unwrap_or_else(|| root().join("web"))
+                .display(),
             leeway = spec.leeway_seconds,
             pool = spec.pool_yaml(),
             extra = spec.extra,
