@@ -11,11 +11,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora_core::apps::{ReusedHttpStream, ServerApp};
-use pingora_core::listeners::tls::{Acceptor, TlsSettings};
+use pingora_core::listeners::tls::Acceptor;
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::http::v1::server::HttpSession;
 use pingora_core::protocols::l4::stream::Stream as L4Stream;
-use pingora_core::protocols::{ALPN, Stream};
+use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
 
 use super::pre_auth::{ConnRefusal, PreAuthPermit};
@@ -51,15 +51,11 @@ impl ListenerSpec {
                 None => None,
                 Some(slot) => {
                     // No files here: the certificate comes from the slot.
-                    let mut settings =
-                        TlsSettings::intermediate("", "").map_err(|e| ListenerError {
-                            index,
-                            message: e.to_string(),
-                        })?;
-                    settings.set_cert_resolver(slot);
-                    // HTTP/1.1 only: WebSocket over HTTP/2 (RFC 8441) is not what noVNC speaks.
-                    settings.set_alpn(ALPN::H1);
-                    Some(settings.build())
+                    let config = tls::server_config(index, slot).map_err(|e| ListenerError {
+                        index,
+                        message: e.to_string(),
+                    })?;
+                    Some(Acceptor::from_server_config(config))
                 }
             };
             specs.push(ListenerSpec {

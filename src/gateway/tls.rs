@@ -9,6 +9,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::ServerConfig;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
@@ -18,6 +19,31 @@ pub enum TlsError {
     Cert { index: usize, message: String },
     #[error("listeners[{index}].tls.key: {message}")]
     Key { index: usize, message: String },
+    #[error("listeners[{index}].tls: {source}")]
+    Config { index: usize, source: rustls::Error },
+}
+
+/// The rustls configuration of one `wss://` listener, serving `slot`'s certificate.
+///
+/// Built here rather than by Pingora's `TlsSettings`, whose config resumes sessions only from a
+/// 256-entry in-memory cache: past 256 clients since a browser's last visit, its resumption
+/// fails and it pays a full handshake (a signature) again. Stateless tickets (rustls' ring
+/// `Ticketer`: AEAD-sealed session state, keys rotated every 6 hours) let any number of
+/// clients resume, for both TLS 1.3 and 1.2, at no memory per client. One ticket per
+/// handshake: a browser spends one per new connection and gets the next one with it.
+pub fn server_config(index: usize, slot: Arc<CertSlot>) -> Result<Arc<ServerConfig>, TlsError> {
+    let err = |source| TlsError::Config { index, source };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(err)?
+        .with_no_client_auth()
+        .with_cert_resolver(slot);
+    // HTTP/1.1 only: WebSocket over HTTP/2 (RFC 8441) is not what noVNC speaks.
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(err)?;
+    config.send_tls13_tickets = 1;
+    Ok(Arc::new(config))
 }
 
 /// Read a PEM certificate chain and private key into a rustls `CertifiedKey`.
