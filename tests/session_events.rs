@@ -396,3 +396,65 @@ async fn a_recorded_connection_turns_recording_on_and_off() {
         json!({"state": "off"})
     );
 }
+
+/// An OPTIONS request to the events path: the status and the response's header lines.
+async fn preflight(gw: &Gateway, origin: &str, headers: &str) -> (u16, Vec<String>) {
+    let mut tcp = TcpStream::connect(("127.0.0.1", gw.port))
+        .await
+        .expect("connect");
+    let req = format!(
+        "OPTIONS /vncgate/events HTTP/1.1\r\nHost: 127.0.0.1\r\nOrigin: {origin}\r\n\
+         Access-Control-Request-Method: GET\r\nAccess-Control-Request-Headers: {headers}\r\n\
+         Connection: close\r\n\r\n"
+    );
+    tcp.write_all(req.as_bytes()).await.expect("write");
+    let mut text = String::new();
+    BufReader::new(tcp)
+        .read_to_string(&mut text)
+        .await
+        .expect("read");
+    let mut lines = text.lines().map(str::to_ascii_lowercase);
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1).and_then(|s| s.parse().ok()))
+        .expect("status");
+    (status, lines.take_while(|l| !l.is_empty()).collect())
+}
+
+#[tokio::test]
+async fn a_cross_origin_page_may_send_its_token_in_the_authorization_header() {
+    let (_desk, gw) = gateway().await;
+    // The browser's preflight for `fetch(url, {headers: {Authorization}})` from the app.
+    let (status, head) = preflight(&gw, ORIGIN, "authorization").await;
+    assert_eq!(status, 204, "{head:?}");
+    let want = [
+        format!(
+            "access-control-allow-origin: {}",
+            ORIGIN.to_ascii_lowercase()
+        ),
+        "access-control-allow-credentials: true".into(),
+        "access-control-allow-methods: get".into(),
+        "access-control-allow-headers: authorization".into(),
+    ];
+    for line in &want {
+        assert!(head.contains(line), "{line} missing: {head:?}");
+    }
+    // An origin off the allowlist, or a header beyond the token's, is refused.
+    assert_eq!(
+        preflight(&gw, "https://evil.example", "authorization")
+            .await
+            .0,
+        403
+    );
+    assert_eq!(
+        preflight(&gw, ORIGIN, "authorization, x-other").await.0,
+        403
+    );
+    // Then the GET itself, with the token in the header.
+    let token = jwt("alice", "cors", json!({}));
+    let bearer = format!("Bearer {token}");
+    let mut stream = events(&gw, "", &[("Origin", ORIGIN), ("Authorization", &bearer)])
+        .await
+        .expect("stream");
+    stream.until("input_mode", |_| true).await;
+}

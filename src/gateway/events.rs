@@ -102,6 +102,21 @@ pub async fn handle(
         user_id = field::Empty,
     );
     async {
+        if session.req_header().method == http::Method::OPTIONS {
+            return match preflight(gw, &session) {
+                Ok(headers) => {
+                    respond::send(
+                        session,
+                        StatusCode::NO_CONTENT,
+                        "text/plain",
+                        Vec::new(),
+                        &headers,
+                    )
+                    .await
+                }
+                Err(refusal) => refuse(gw, session, conn, refusal).await,
+            };
+        }
         match admit(gw, &session, conn_id, conn).await {
             Err(refusal) => refuse(gw, session, conn, refusal).await,
             Ok(admitted) => serve(gw, session, admitted).await,
@@ -176,6 +191,49 @@ async fn admit(
         expires,
         ends,
     })
+}
+
+/// The CORS preflight of a cross-origin page's `fetch` with `Authorization: Bearer` (what
+/// `@vncgate/client` sends): allowed for an Origin on the allowlist, for GET, with at most the
+/// `authorization` header. Without it the browser never sends the GET. The answer is cached by
+/// the browser for 10 minutes.
+fn preflight(
+    gw: &Gateway,
+    session: &ServerSession,
+) -> Result<[(&'static str, String); 6], Refusal> {
+    let headers = &session.req_header().headers;
+    let denied = || Refusal::new(ErrorCode::OriginDenied, "CORS preflight refused");
+    let origin = headers
+        .get(http::header::ORIGIN)
+        .and_then(|o| o.to_str().ok())
+        .ok_or_else(denied)?;
+    let config = gw.config();
+    if config.auth.allowed_origins.is_empty() {
+        return Err(denied());
+    }
+    authorize::check_origin(Some(origin.as_bytes()), &config.auth.allowed_origins)?;
+    let method_ok = headers
+        .get(http::header::ACCESS_CONTROL_REQUEST_METHOD)
+        .is_some_and(|m| m.as_bytes() == b"GET");
+    let headers_ok = headers
+        .get(http::header::ACCESS_CONTROL_REQUEST_HEADERS)
+        .and_then(|h| h.to_str().ok())
+        .is_none_or(|h| {
+            h.split(',')
+                .map(str::trim)
+                .all(|name| name.is_empty() || name.eq_ignore_ascii_case("authorization"))
+        });
+    if !method_ok || !headers_ok {
+        return Err(denied());
+    }
+    Ok([
+        ("access-control-allow-origin", origin.to_owned()),
+        ("access-control-allow-credentials", "true".to_owned()),
+        ("access-control-allow-methods", "GET".to_owned()),
+        ("access-control-allow-headers", "authorization".to_owned()),
+        ("access-control-max-age", "600".to_owned()),
+        ("vary", "Origin".to_owned()),
+    ])
 }
 
 /// The request's Origin. A browser sends none on a same-origin GET (an `EventSource` on the
