@@ -279,3 +279,71 @@ async fn a_react_app_refreshes_reloads_reconnects_and_stops_as_the_contract_says
     assert!(seen.len() >= failed, "{seen:?} for {codes:?}");
     ctx.close().await;
 }
+
+/// An upgrade refused before the WebSocket exists (403 `backend_not_allowed`: the app's token
+/// names a backend the pool does not have) looks like a lost network to page JavaScript (1006);
+/// the client asks the events path, learns the refusal, stops at once and the page says why.
+#[tokio::test]
+async fn a_refused_upgrade_stops_the_react_app_with_its_reason() {
+    let _shared = EXCLUSIVE.read().await;
+    let app = build_example();
+    let desk = Desk::start("desk", DESK_A).await;
+    let mut spec = GwSpec::new(vec![("desk", desk.xvnc.rfb_addr())]);
+    spec.web_root = Some(app);
+    let gw = Gw::start("gw", spec).await;
+    let ctx = Context::new().await;
+    let page = ctx.page("refused").await;
+    page.call(
+        "routeTokens",
+        json!({
+            "path": TOKEN_PATH, "sub": "alice", "secret": SECRET, "ttls": [3600],
+            "claims": { "backend": "not-a-desk" },
+        }),
+    )
+    .await;
+    page.goto(&format!("{}/#token_url={TOKEN_PATH}", gw.origin()))
+        .await;
+    let stopped = wait_for(
+        &page,
+        "window.vncgateExample.state === 'disconnected' && window.vncgateExample",
+    )
+    .await;
+    let closes = stopped["closes"].as_array().expect("closes");
+    assert_eq!(closes.len(), 1, "one attempt, no retry: {stopped}");
+    assert_eq!(closes[0]["code"], 1006, "{stopped}");
+    assert_eq!(
+        closes[0]["refusal"],
+        json!({ "status": 403, "error": "backend_not_allowed" }),
+        "{stopped}"
+    );
+    let text = page
+        .call(
+            "evaluate",
+            json!({ "expr": "document.querySelector('.status').textContent" }),
+        )
+        .await;
+    assert!(
+        text.as_str()
+            .unwrap_or_default()
+            .contains("refused: backend_not_allowed"),
+        "{text}"
+    );
+    assert_eq!(token_calls(&page).await.len(), 1);
+    gw.wait_log(|v| v["event"] == "upgrade_rejected" && v["code"] == "backend_not_allowed")
+        .await;
+    // Chromium's lines for the refused upgrade and the refused probe; nothing else.
+    let seen = page
+        .assert_clean_console(&[
+            Allowed::chromium_ws_failed(
+                &gw.ws_endpoint(),
+                "Error during WebSocket handshake: Unexpected response code: 403",
+            ),
+            Allowed {
+                prefix: "Failed to load resource: the server responded with a status of 403".into(),
+                contains: String::new(),
+            },
+        ])
+        .await;
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    ctx.close().await;
+}

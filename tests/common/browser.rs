@@ -222,6 +222,7 @@ impl Context {
 
 /// A console message a scenario provokes on purpose: the text starts with `prefix` and
 /// contains `contains`.
+#[derive(Clone, Debug)]
 pub struct Allowed {
     pub prefix: String,
     pub contains: String,

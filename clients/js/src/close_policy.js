@@ -28,8 +28,10 @@ const TABLE = new Map([
  *
  * A refusal before the upgrade (401/403/429/503 answered to the HTTP request) is invisible to
  * page JavaScript: the browser reports it as a close with 1006 and no reason, exactly like a
- * network failure. It is therefore retried with backoff, bounded by reconnect.maxAttempts; the
- * `close` event's `opened: false` tells the application the socket never opened.
+ * network failure. The Session then asks the gateway's events path, which is authorized exactly
+ * like an upgrade, with the same token: a 401/403 there is the refusal (no retry; an expired
+ * token is refreshed), anything else means no gateway or a transient refusal (retry with
+ * backoff). The `close` event carries `opened: false` and, when found, `refusal`.
  */
 export function decide(code) {
     return TABLE.get(code) ?? STOP;

@@ -50,6 +50,8 @@ export interface ConnectOptions {
     rfbOptions?: Record<string, unknown>;
     /** Properties set on every RFB; default { scaleViewport: true }. */
     rfbProperties?: Record<string, unknown>;
+    /** After a socket that never opened, ask the events path whether the upgrade was refused. Default true. */
+    probeRefusals?: boolean;
 
     /** Advanced / tests: replacements for the platform. */
     RFB?: new (target: Element, channel: WebSocket, options?: object) => any;
@@ -72,6 +74,8 @@ export interface CloseDetail {
     wasConnected: boolean;
     /** Present when noVNC reported a VNC security failure (never retried). */
     securityFailure?: { status?: number; reason?: string };
+    /** The gateway's refusal of the upgrade, found by the refusal probe (never retried, but token_expired). */
+    refusal?: { status: 401 | 403; error: string | null };
 }
 
 export interface StateChangeDetail {

@@ -68,6 +68,8 @@ export class Session extends EventTarget {
         this.rfbOptions = { shared: true, ...options.rfbOptions };
         this.rfbProperties = { scaleViewport: true, ...options.rfbProperties };
         this.events = options.events ?? false;
+        // After a socket that never opened (1006), ask the events path why (see _probeRefusal).
+        this.probeRefusals = options.probeRefusals ?? true;
         this.sidStore = new SidStore({
             key: sidKey(this.url, options.sessionKey),
             sid: options.sid,
@@ -149,11 +151,11 @@ export class Session extends EventTarget {
         }
         if (seq !== this._seq) return;
         if (token) this.sidStore.adoptFromToken(token);
-        this._attach(RFB, token);
+        this._attach(RFB, token, reason);
     }
 
-    _attach(RFB, token) {
-        const conn = { ws: null, rfb: null, opened: false, connected: false, securityFailure: null, rfbDone: false, guard: null, off: [] };
+    _attach(RFB, token, reason) {
+        const conn = { ws: null, rfb: null, token, reason, opened: false, connected: false, securityFailure: null, rfbDone: false, guard: null, off: [] };
         const on = (target, type, fn) => {
             target.addEventListener(type, fn);
             conn.off.push(() => target.removeEventListener(type, fn));
@@ -210,14 +212,62 @@ export class Session extends EventTarget {
     _finish(conn, code, reason) {
         if (this._conn !== conn) return;
         this._teardown(conn);
-        // A VNC security failure (wrong VNC password) will not get better by retrying.
+        const wouldRetry = !conn.securityFailure && decide(code) !== STOP
+            && this.attempt < this.reconnect.maxAttempts;
+        if (code === 1006 && !conn.opened && wouldRetry && this.probeRefusals) {
+            // Refused before the upgrade, or no gateway at all: the browser cannot tell us which,
+            // and only a refusal changes the decision (a session that stops anyway is not probed).
+            const seq = this._seq;
+            this._probeRefusal(conn.token).then((refusal) => {
+                if (seq === this._seq && !this._destroyed && this.state !== 'disconnected') {
+                    this._closed(conn, code, reason, refusal);
+                }
+            });
+            return;
+        }
+        this._closed(conn, code, reason, null);
+    }
+
+    /**
+     * Why the gateway refused the upgrade, if it did: the events path is authorized exactly
+     * like an upgrade (same token, Origin and owner rules), and a plain HTTP request shows its
+     * answer. `{status, error}` for a 401/403, else null (no answer, or a stream that opened:
+     * the refusal, if any, was transient). The probe's own stream, if any, is closed at once.
+     */
+    async _probeRefusal(token) {
+        const abort = new AbortController();
+        const headers = {};
+        let url = eventsUrl(this.url, typeof this.events === 'object' ? this.events.path : undefined);
+        if (token && this.delivery === 'protocol') headers.authorization = `Bearer ${token}`;
+        if (token && this.delivery === 'query') {
+            const u = new URL(url);
+            u.searchParams.set('token', token);
+            url = u.toString();
+        }
+        try {
+            const res = await this.fetch(url, { headers, credentials: 'include', signal: abort.signal, cache: 'no-store' });
+            if (res.status !== 401 && res.status !== 403) return null;
+            const body = await res.json().catch(() => ({}));
+            return { status: res.status, error: typeof body.error === 'string' ? body.error : null };
+        } catch {
+            return null;
+        } finally {
+            abort.abort();
+        }
+    }
+
+    _closed(conn, code, reason, refusal) {
+        // A VNC security failure (wrong VNC password) will not get better by retrying, nor a
+        // refusal before the upgrade (CONTRACT §14), but for an expired token: refresh it.
         let decision = conn.securityFailure ? STOP : decide(code);
+        if (refusal) decision = refusal.status === 401 && refusal.error === 'token_expired' ? REFRESH : STOP;
         if (decision !== STOP && this.attempt >= this.reconnect.maxAttempts) decision = STOP;
         const willRetry = decision !== STOP;
         const delayMs = willRetry ? backoffDelay(this.attempt, this.reconnect, this.random) : 0;
         this.lastClose = {
             code, reason, willRetry, delayMs, opened: conn.opened, wasConnected: conn.connected,
             ...(conn.securityFailure ? { securityFailure: conn.securityFailure } : {}),
+            ...(refusal ? { refusal } : {}),
         };
         this._emit('close', this.lastClose);
         // A `close` listener may have ended the session (close(), destroy()): no retry then.

@@ -213,6 +213,8 @@ export function makeEnv(overrides = {}) {
         timers,
         storage,
         random: () => 0.5,
+        // No gateway answers HTTP: a refusal probe finds nothing (tests that need one inject it).
+        fetch: async () => { throw new TypeError('fetch failed'); },
         ...overrides,
     };
     return { WebSocket, RFB, timers, storage, tokenCalls, element, options };

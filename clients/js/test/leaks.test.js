@@ -23,7 +23,13 @@ const ENDINGS = [
     async function destroyDuringBackoff(env, s) {
         await flush();
         env.WebSocket.all.at(-1).serverClose(1006);
+        await flush(); // the refusal probe's stream opened (no refusal) and was closed
         assert.equal(s.state, 'reconnecting');
+        s.destroy();
+    },
+    async function destroyDuringTheRefusalProbe(env, s) {
+        await flush();
+        env.WebSocket.all.at(-1).serverClose(1006);
         s.destroy();
     },
     async function destroyDuringCloseGuard(env, s) {

@@ -1,7 +1,7 @@
 import assert from 'node:assert/strict';
 import { beforeEach, afterEach, mock, test } from 'node:test';
 import { connect } from '../src/index.js';
-import { fakeJwt, flush, makeEnv } from './fakes.js';
+import { fakeJwt, flush, makeEnv, makeFetch } from './fakes.js';
 
 beforeEach(() => mock.timers.enable({ apis: ['setTimeout'] }));
 afterEach(() => mock.timers.reset());
@@ -72,6 +72,7 @@ test('getToken is called right before each socket, not before the backoff wait',
     const s = connect(env.element, env.options);
     await flush();
     env.WebSocket.all[0].serverClose(1006);          // refused or unreachable: never opened
+    await flush();                                   // the refusal probe finds no gateway
     assert.equal(s.lastClose.opened, false);
     assert.equal(s.lastClose.delayMs, 500);
     mock.timers.tick(499);
@@ -93,6 +94,7 @@ test('retries back off, counting attempts, and reset once connected', async () =
     await flush();
     for (let i = 0; i < 5; i += 1) {
         env.WebSocket.all[i].serverClose(1006);
+        await flush();
         mock.timers.tick(s.lastClose.delayMs);
         await flush();
     }
@@ -114,6 +116,7 @@ test('maxAttempts: gives up after that many retries in a row', async () => {
     s.addEventListener('close', (e) => willRetry.push(e.detail.willRetry));
     for (let i = 0; i < 3; i += 1) {
         env.WebSocket.all[i].serverClose(1006);
+        await flush();
         mock.timers.tick(s.lastClose.delayMs);
         await flush();
     }
@@ -256,4 +259,45 @@ test('options are validated', () => {
     assert.throws(() => connect(env.element, { ...env.options, url: undefined }), TypeError);
     assert.throws(() => connect(null, env.options), TypeError);
     assert.throws(() => connect(env.element, { ...env.options, sid: 'bad sid!' }), TypeError);
+});
+
+test('a socket refused before the upgrade: the events path says why, and a refusal stops', async () => {
+    for (const [status, error, want] of [
+        [403, 'session_owned_by_other_user', { willRetry: false, state: 'disconnected' }],
+        [401, 'token_revoked', { willRetry: false, state: 'disconnected' }],
+        [401, 'token_expired', { willRetry: true, state: 'reconnecting' }],
+    ]) {
+        const f = makeFetch(() => ({ status, error }));
+        const env = makeEnv({ fetch: f.fetch });
+        const s = connect(env.element, env.options);
+        await flush();
+        env.WebSocket.all[0].serverClose(1006);
+        await flush();
+        // The probe asked with the attempt's own token, in the header, never in the URL.
+        assert.equal(f.calls.length, 1);
+        assert.equal(f.calls[0].url, 'https://gw.example/vncgate/events');
+        assert.equal(f.calls[0].init.headers.authorization, 'Bearer token-1');
+        assert.deepEqual(s.lastClose.refusal, { status, error }, error);
+        assert.equal(s.lastClose.willRetry, want.willRetry, error);
+        assert.equal(s.state, want.state, error);
+        if (want.willRetry) {
+            mock.timers.tick(s.lastClose.delayMs);
+            await flush();
+            assert.equal(env.tokenCalls.at(-1).reason, 'expired', 'an expired token is refreshed');
+        }
+        s.destroy();
+    }
+});
+
+test('no refusal behind a 1006 (no gateway, or the probe is let in): retried with backoff', async () => {
+    const f = makeFetch();
+    const env = makeEnv({ fetch: f.fetch });
+    const s = connect(env.element, env.options);
+    await flush();
+    env.WebSocket.all[0].serverClose(1006);
+    await flush();
+    assert.equal(s.lastClose.refusal, undefined);
+    assert.equal(s.state, 'reconnecting');
+    assert.equal(f.open.size, 0, "the probe's stream was closed at once");
+    s.destroy();
 });

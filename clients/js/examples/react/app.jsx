@@ -49,10 +49,11 @@ window.vncgate = {
 function Status({ status, viewers }) {
     const c = status.lastClose;
     if (c && record.closes.at(-1)?.detail !== c) {
-        record.closes.push({ detail: c, code: c.code, willRetry: c.willRetry, at: performance.now() });
+        record.closes.push({ detail: c, code: c.code, willRetry: c.willRetry, refusal: c.refusal ?? null, at: performance.now() });
     }
     Object.assign(record, { state: status.state, attempt: status.attempt, inputMode: status.inputMode });
-    const why = c ? ` · last close ${c.code} (${c.reason || HINTS[c.code] || 'unknown'})` : '';
+    const cause = c?.refusal ? `refused: ${c.refusal.error ?? c.refusal.status}` : c?.reason || HINTS[c?.code] || 'unknown';
+    const why = c ? ` · last close ${c.code} (${cause})` : '';
     const stopped = status.state === 'disconnected' && c && !c.willRetry ? ' · stopped' : '';
     return (
         <div className="status" data-state={status.state} role="status">
