@@ -15,6 +15,7 @@ use tokio::sync::{Notify, Semaphore, oneshot};
 use crate::conn::{Conn, ReadSize, Target};
 use crate::procinfo::{self, Watch, round};
 use crate::rfb;
+use crate::tls::{ClientTls, Negotiated};
 use crate::tokens::{Minter, minter_from_env};
 
 /// Any single connect + upgrade + handshake taking longer than this counts as a failure.
@@ -38,6 +39,10 @@ pub struct ClientArgs {
     /// Runtime worker threads for the load generator (1 = a current-thread runtime).
     #[arg(long, global = true, default_value_t = 1)]
     pub threads: usize,
+    /// PEM certificate the client trusts on tls:// and wss:// targets (the bench's own, see
+    /// `vncgate-bench tls-cert`); required for them.
+    #[arg(long, global = true)]
+    pub ca_file: Option<std::path::PathBuf>,
     /// Seconds of traffic before the measured window starts.
     #[arg(long, global = true, default_value_t = 1.0)]
     pub warmup: f64,
@@ -74,11 +79,16 @@ pub enum Scenario {
         #[arg(long)]
         backend: Option<String>,
     },
-    /// Connections per second, each: TCP connect, WebSocket upgrade with a fresh JWT, RFB
-    /// handshake, close.
+    /// Connections per second, each: TCP connect, (TLS handshake,) WebSocket upgrade with a
+    /// fresh JWT, RFB handshake, close.
     Upgrades {
         #[arg(long)]
         url: String,
+        /// TLS targets: each worker keeps a client session cache across its connections, so
+        /// all but its first can resume (reported as scenario `upgrades-resume`, with how many
+        /// the server did resume). Without it every TLS connection is a full handshake.
+        #[arg(long)]
+        tls_resume: bool,
         #[arg(long, default_value_t = 32)]
         concurrency: usize,
         #[arg(long, default_value_t = 10.0)]
@@ -157,6 +167,20 @@ async fn run(args: &ClientArgs) -> Result<Value, String> {
     let load_before = procinfo::load_avg();
     let minter = minter_from_env(args.jwt_secret_env.as_deref(), 3600)?.map(Arc::new);
     let warmup = Duration::from_secs_f64(args.warmup.max(0.0));
+    let resume = matches!(
+        args.scenario,
+        Scenario::Upgrades {
+            tls_resume: true,
+            ..
+        }
+    );
+    let tls = args
+        .ca_file
+        .as_deref()
+        .map(|f| ClientTls::new(f, resume))
+        .transpose()
+        .map_err(|e| format!("TLS client: {e}"))?;
+    let parse = |url: &str| Target::parse(url, tls.as_ref());
     let mut out = match &args.scenario {
         Scenario::Bulk {
             url,
@@ -164,7 +188,7 @@ async fn run(args: &ClientArgs) -> Result<Value, String> {
             seconds,
             backend,
         } => {
-            let target = Target::parse(url)?;
+            let target = parse(url)?;
             let r = bulk(
                 &target,
                 minter.as_deref(),
@@ -185,7 +209,7 @@ async fn run(args: &ClientArgs) -> Result<Value, String> {
             size,
             backend,
         } => {
-            let target = Target::parse(url)?;
+            let target = parse(url)?;
             let token = minter.as_ref().map(|m| m.mint(0, backend.as_deref()));
             watch.start();
             let started = Instant::now();
@@ -198,12 +222,13 @@ async fn run(args: &ClientArgs) -> Result<Value, String> {
         }
         Scenario::Upgrades {
             url,
+            tls_resume,
             concurrency,
             seconds,
             tokens,
             backend,
         } => {
-            let target = Target::parse(url)?;
+            let target = parse(url)?;
             let r = upgrades(
                 &target,
                 minter.as_deref(),
@@ -215,7 +240,12 @@ async fn run(args: &ClientArgs) -> Result<Value, String> {
                 &mut watch,
             )
             .await?;
-            json!({"scenario": "upgrades", "url": redact(url), "concurrency": concurrency,
+            let scenario = if *tls_resume {
+                "upgrades-resume"
+            } else {
+                "upgrades"
+            };
+            json!({"scenario": scenario, "url": redact(url), "concurrency": concurrency,
                    "seconds": seconds, "result": r})
         }
         Scenario::FirstUpdate {
@@ -223,7 +253,7 @@ async fn run(args: &ClientArgs) -> Result<Value, String> {
             iterations,
             backend,
         } => {
-            let target = Target::parse(url)?;
+            let target = parse(url)?;
             let r = first_update(
                 &target,
                 minter.as_deref(),
@@ -244,7 +274,7 @@ async fn run(args: &ClientArgs) -> Result<Value, String> {
             settle_seconds,
             backend,
         } => {
-            let target = Target::parse(url)?;
+            let target = parse(url)?;
             let r = idle(
                 &target,
                 minter.clone(),
@@ -270,8 +300,8 @@ async fn run(args: &ClientArgs) -> Result<Value, String> {
             bulk_backend,
             echo_backend,
         } => {
-            let bulk_target = Target::parse(bulk_url)?;
-            let echo_target = Target::parse(echo_url)?;
+            let bulk_target = parse(bulk_url)?;
+            let echo_target = parse(echo_url)?;
             let r = fairness(
                 &bulk_target,
                 &echo_target,
@@ -352,6 +382,9 @@ struct BulkReaders {
     counters: Arc<Vec<AtomicU64>>,
     errors: Arc<AtomicUsize>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// What the first session's TLS handshake negotiated (TLS targets): the cipher is most of
+    /// what TLS costs a bulk stream.
+    tls: Option<Negotiated>,
 }
 
 impl BulkReaders {
@@ -376,8 +409,12 @@ impl BulkReaders {
             });
         }
         let mut tasks = Vec::with_capacity(sessions);
+        let mut tls = None;
         while let Some(joined) = opening.join_next().await {
             let (i, mut conn) = joined.map_err(io::Error::other)??;
+            if tls.is_none() {
+                tls = conn.tls().cloned();
+            }
             let counters = Arc::clone(&counters);
             let errors = Arc::clone(&errors);
             tasks.push(tokio::spawn(async move {
@@ -398,6 +435,7 @@ impl BulkReaders {
             counters,
             errors,
             tasks,
+            tls,
         })
     }
 
@@ -462,9 +500,13 @@ async fn bulk(
     let end = readers.snapshot();
     let window = t0.elapsed().as_secs_f64();
     let procs = watch.finish(window, false);
+    let tls = readers.tls.clone();
     let errors = readers.stop();
     let mut r = throughput_json(&start, &end, window);
     r["session_errors"] = json!(errors);
+    if let Some(n) = tls {
+        r["tls"] = json!({"version": n.version, "cipher_suite": n.suite});
+    }
     r["procs"] = procs;
     Ok(r)
 }
@@ -545,15 +587,13 @@ async fn upgrades(
     let window_end = window_start + Duration::from_secs_f64(seconds);
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..concurrency.max(1) {
-        let target = target.clone();
+        // Each worker is one browser reconnecting: with --tls-resume it resumes from the
+        // tickets its own last connection got.
+        let target = target.own_tls_cache();
         let tokens = Arc::clone(&tokens);
         let next = Arc::clone(&next);
         workers.spawn(async move {
-            let mut upgrade_hist = new_hist();
-            let mut setup_hist = new_hist();
-            let mut ok = 0u64;
-            let mut failed = 0u64;
-            let mut first_error: Option<String> = None;
+            let mut t = UpgradeTally::new();
             loop {
                 let started = Instant::now();
                 if started >= window_end {
@@ -566,24 +606,30 @@ async fn upgrades(
                 let counted = started >= window_start && done <= window_end;
                 match result {
                     Ok((conn, upgrade)) => {
+                        if let Some(n) = conn.tls() {
+                            if counted {
+                                t.resumed += u64::from(n.resumed);
+                            }
+                            t.negotiated.get_or_insert_with(|| n.clone());
+                        }
                         conn.close().await;
                         if counted {
-                            ok += 1;
-                            let _ = upgrade_hist.record((upgrade.as_nanos() as u64).max(1));
-                            let _ = setup_hist.record(((done - started).as_nanos() as u64).max(1));
+                            t.ok += 1;
+                            let _ = t.upgrade.record((upgrade.as_nanos() as u64).max(1));
+                            let _ = t.setup.record(((done - started).as_nanos() as u64).max(1));
                         }
                     }
                     Err(e) => {
                         if counted {
-                            failed += 1;
+                            t.failed += 1;
                         }
-                        first_error.get_or_insert_with(|| e.to_string());
+                        t.first_error.get_or_insert_with(|| e.to_string());
                         // Back off a little so a refusing gateway is not hammered in a loop.
                         tokio::time::sleep(Duration::from_millis(1)).await;
                     }
                 }
             }
-            (upgrade_hist, setup_hist, ok, failed, first_error)
+            t
         });
     }
     // CPU accounting over the measured window only.
@@ -591,34 +637,76 @@ async fn upgrades(
     watch.start();
     tokio::time::sleep_until(window_end.into()).await;
     let procs = watch.finish(seconds, false);
-    let mut upgrade_hist = new_hist();
-    let mut setup_hist = new_hist();
-    let (mut ok, mut failed, mut first_error) = (0, 0, None);
+    let mut all = UpgradeTally::new();
     while let Some(joined) = workers.join_next().await {
-        let (u, s, o, f, e) = joined.map_err(|e| e.to_string())?;
-        upgrade_hist.add(u).map_err(|e| e.to_string())?;
-        setup_hist.add(s).map_err(|e| e.to_string())?;
-        ok += o;
-        failed += f;
-        if first_error.is_none() {
-            first_error = e;
-        }
+        all.merge(joined.map_err(|e| e.to_string())?)?;
     }
     let used = next.load(Ordering::Relaxed);
-    Ok(json!({
-        "ok": ok,
-        "failed": failed,
-        "first_error": first_error,
-        "rate_per_s": round(ok as f64 / seconds, 1),
-        "upgrade_p50_us": us(upgrade_hist.value_at_quantile(0.5)),
-        "upgrade_p99_us": us(upgrade_hist.value_at_quantile(0.99)),
-        "upgrade_max_us": us(upgrade_hist.max()),
-        "session_setup_p50_us": us(setup_hist.value_at_quantile(0.5)),
-        "session_setup_p99_us": us(setup_hist.value_at_quantile(0.99)),
+    let mut r = json!({
+        "ok": all.ok,
+        "failed": all.failed,
+        "first_error": all.first_error,
+        "rate_per_s": round(all.ok as f64 / seconds, 1),
+        "upgrade_p50_us": us(all.upgrade.value_at_quantile(0.5)),
+        "upgrade_p99_us": us(all.upgrade.value_at_quantile(0.99)),
+        "upgrade_max_us": us(all.upgrade.max()),
+        "session_setup_p50_us": us(all.setup.value_at_quantile(0.5)),
+        "session_setup_p99_us": us(all.setup.value_at_quantile(0.99)),
         "tokens_minted": tokens.len(),
         "tokens_reused": !tokens.is_empty() && used > tokens.len(),
         "procs": procs,
-    }))
+    });
+    // Whether the server resumed is its choice: the client only offers. Counted, not assumed.
+    if let Some(n) = &all.negotiated {
+        r["tls"] = json!({
+            "version": n.version,
+            "cipher_suite": n.suite,
+            "resumed": all.resumed,
+            "resumed_share": round(all.resumed as f64 / all.ok.max(1) as f64, 3),
+        });
+    }
+    Ok(r)
+}
+
+/// One upgrades worker's counts, merged at the end.
+struct UpgradeTally {
+    upgrade: Histogram<u64>,
+    setup: Histogram<u64>,
+    ok: u64,
+    failed: u64,
+    /// Counted sessions whose TLS handshake was a resumption.
+    resumed: u64,
+    first_error: Option<String>,
+    negotiated: Option<Negotiated>,
+}
+
+impl UpgradeTally {
+    fn new() -> UpgradeTally {
+        UpgradeTally {
+            upgrade: new_hist(),
+            setup: new_hist(),
+            ok: 0,
+            failed: 0,
+            resumed: 0,
+            first_error: None,
+            negotiated: None,
+        }
+    }
+
+    fn merge(&mut self, o: UpgradeTally) -> Result<(), String> {
+        self.upgrade.add(o.upgrade).map_err(|e| e.to_string())?;
+        self.setup.add(o.setup).map_err(|e| e.to_string())?;
+        self.ok += o.ok;
+        self.failed += o.failed;
+        self.resumed += o.resumed;
+        if self.first_error.is_none() {
+            self.first_error = o.first_error;
+        }
+        if self.negotiated.is_none() {
+            self.negotiated = o.negotiated;
+        }
+        Ok(())
+    }
 }
 
 /// When each step of one session's start was done, counted from the start of its TCP connect.

@@ -1,5 +1,6 @@
-//! vncgate-bench: a synthetic RFB server and a load generator that drives it directly over TCP,
-//! through vncgate, or through websockify, doing the same work on every path. See BENCHMARKS.md
+//! vncgate-bench: a synthetic RFB server and a load generator that drives it directly over TCP
+//! or TLS, through vncgate, or through websockify (ws:// or wss://), doing the same work on
+//! every path. See BENCHMARKS.md
 //! and `scripts/bench`.
 
 mod client;
@@ -8,6 +9,7 @@ mod procinfo;
 mod report;
 mod rfb;
 mod server;
+mod tls;
 mod tokens;
 
 use std::io;
@@ -37,6 +39,8 @@ enum Command {
         #[arg(default_value_t = 1)]
         count: usize,
     },
+    /// Write a self-signed certificate for 127.0.0.1 (cert.pem, key.pem) for the TLS paths.
+    TlsCert(tls::CertArgs),
     /// Summarize JSON lines from several runs as Markdown tables (medians, ranges, targets).
     Report(report::ReportArgs),
 }
@@ -80,6 +84,7 @@ fn main() -> ExitCode {
             })
             .map_err(|e| format!("free-ports: {e}")),
         Command::Report(args) => report::main(args),
+        Command::TlsCert(args) => tls::write_cert(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -17,7 +17,9 @@ pub struct ReportArgs {
     pub check: bool,
 }
 
-const PATHS: [&str; 8] = [
+/// Column order: the plain (ws://) paths with their TCP ceiling, then the TLS (wss://) paths
+/// with theirs. A path's name says its listener kind: `-wss` and `direct-tls` are TLS.
+const PATHS: [&str; 13] = [
     "direct",
     "vncgate",
     "vncgate-terminate",
@@ -26,12 +28,21 @@ const PATHS: [&str; 8] = [
     "vncgate-sentinel",
     "vncgate-cluster",
     "websockify",
+    "direct-tls",
+    "vncgate-wss",
+    "vncgate-terminate-wss",
+    "vncgate-recording-wss",
+    "websockify-wss",
 ];
 
 /// The RFB mode A/B: `vncgate` runs its pool with `rfb.mode: transparent`, `vncgate-terminate`
 /// the same config with `mode: terminate`.
 const TRANSPARENT: &str = "vncgate";
 const TERMINATE: &str = "vncgate-terminate";
+/// The listener A/B: the same gateway config behind a TLS listener.
+const WSS: &str = "vncgate-wss";
+/// The RFB mode A/B over wss://.
+const TERMINATE_WSS: &str = "vncgate-terminate-wss";
 
 struct Figure {
     scenario: &'static str,
@@ -84,6 +95,21 @@ const FIGURES: &[Figure] = &[
         scenario: "upgrades",
         pointer: "/result/upgrade_p99_us",
         name: "upgrades: connect+upgrade p99 µs",
+    },
+    Figure {
+        scenario: "upgrades-resume",
+        pointer: "/result/rate_per_s",
+        name: "upgrades, TLS resumption offered: sessions opened per s",
+    },
+    Figure {
+        scenario: "upgrades-resume",
+        pointer: "/result/upgrade_p50_us",
+        name: "upgrades, TLS resumption offered: connect+upgrade p50 µs",
+    },
+    Figure {
+        scenario: "upgrades-resume",
+        pointer: "/result/tls/resumed_share",
+        name: "upgrades, TLS resumption offered: share of handshakes the server resumed",
     },
     Figure {
         scenario: "first-update",
@@ -267,6 +293,9 @@ enum Kind {
     Added,
     /// a's median must be at most the bound.
     Absolute,
+    /// (a − b) / (peer − b) of the medians must be at most the bound: what a adds over the
+    /// ceiling b, as a share of what the peer adds over it.
+    AddedShare { peer: &'static str },
 }
 
 struct Target {
@@ -362,6 +391,71 @@ const TARGETS: &[Target] = &[
         bound: 32.0,
     },
     Target {
+        what: "wss bulk, 1 session, vs websockify-wss",
+        scenario: "bulk-1",
+        pointer: "/result/mb_per_s",
+        a: "vncgate-wss",
+        b: "websockify-wss",
+        kind: Kind::Ratio,
+        bound: 1.5,
+    },
+    Target {
+        what: "wss bulk, 1 session, vs direct TLS",
+        scenario: "bulk-1",
+        pointer: "/result/mb_per_s",
+        a: "vncgate-wss",
+        b: "direct-tls",
+        kind: Kind::Ratio,
+        bound: 0.6,
+    },
+    Target {
+        what: "wss bulk, 8 sessions, vs websockify-wss",
+        scenario: "bulk-8",
+        pointer: "/result/mb_per_s",
+        a: "vncgate-wss",
+        b: "websockify-wss",
+        kind: Kind::Ratio,
+        bound: 1.5,
+    },
+    Target {
+        what: "wss bulk, 8 sessions, vs direct TLS",
+        scenario: "bulk-8",
+        pointer: "/result/mb_per_s",
+        a: "vncgate-wss",
+        b: "direct-tls",
+        kind: Kind::Ratio,
+        bound: 0.6,
+    },
+    Target {
+        what: "wss latency p50 added over direct TLS, share of websockify-wss's",
+        scenario: "latency",
+        pointer: "/result/p50_us",
+        a: "vncgate-wss",
+        b: "direct-tls",
+        kind: Kind::AddedShare {
+            peer: "websockify-wss",
+        },
+        bound: 0.5,
+    },
+    Target {
+        what: "wss upgrades/s with TLS resumption vs websockify-wss",
+        scenario: "upgrades-resume",
+        pointer: "/result/rate_per_s",
+        a: "vncgate-wss",
+        b: "websockify-wss",
+        kind: Kind::Ratio,
+        bound: 10.0,
+    },
+    Target {
+        what: "wss idle RSS per session (KiB)",
+        scenario: "idle",
+        pointer: "/result/procs/gateway/rss_per_session_kib",
+        a: "vncgate-wss",
+        b: "",
+        kind: Kind::Absolute,
+        bound: 48.0,
+    },
+    Target {
         what: "interactive p99 under bulk load (µs)",
         scenario: "fairness",
         pointer: "/result/interactive/p99_us",
@@ -374,6 +468,72 @@ const TARGETS: &[Target] = &[
 
 fn median_of(runs: &Runs, scenario: &str, label: &str, pointer: &str) -> Option<f64> {
     stats(&values(runs, scenario, label, pointer)).map(|s| s.median)
+}
+
+/// One row of the targets table; `None` when a path it needs was not in the run.
+fn target_row(runs: &Runs, t: &Target) -> Option<String> {
+    let a = median_of(runs, t.scenario, t.a, t.pointer)?;
+    let b = if t.b.is_empty() {
+        0.0
+    } else {
+        median_of(runs, t.scenario, t.b, t.pointer)?
+    };
+    let peer = match t.kind {
+        Kind::AddedShare { peer } => median_of(runs, t.scenario, peer, t.pointer)?,
+        _ => 0.0,
+    };
+    let combine = |x: f64, y: f64, p: f64| match t.kind {
+        Kind::Ratio => x / y,
+        Kind::Added => x - y,
+        Kind::Absolute => x,
+        Kind::AddedShare { .. } => (x - y) / (p - y),
+    };
+    let value = combine(a, b, peer);
+    let pass = match t.kind {
+        Kind::Ratio => value >= t.bound,
+        Kind::Added | Kind::Absolute | Kind::AddedShare { .. } => value <= t.bound,
+    };
+    // Per-run range: pair run i of one path with run i of the other (and of the peer).
+    let range = if t.b.is_empty() {
+        stats(&values(runs, t.scenario, t.a, t.pointer))
+    } else {
+        let ra = by_run(runs, t.scenario, t.a, t.pointer);
+        let rb = by_run(runs, t.scenario, t.b, t.pointer);
+        let rp = match t.kind {
+            Kind::AddedShare { peer } => Some(by_run(runs, t.scenario, peer, t.pointer)),
+            _ => None,
+        };
+        let paired: Vec<f64> = ra
+            .iter()
+            .filter_map(|(run, x)| {
+                let y = rb.get(run)?;
+                let p = match &rp {
+                    Some(rp) => *rp.get(run)?,
+                    None => 0.0,
+                };
+                Some(combine(*x, *y, p))
+            })
+            .collect();
+        stats(&paired)
+    };
+    let shown = match range {
+        Some(r) if r.n > 1 => {
+            format!("{} ({}–{})", fmt_num(value), fmt_num(r.min), fmt_num(r.max))
+        }
+        _ => fmt_num(value),
+    };
+    let bound = match t.kind {
+        Kind::Ratio => format!("≥ {}×", t.bound),
+        Kind::Added | Kind::Absolute => format!("≤ {}", t.bound),
+        Kind::AddedShare { .. } => format!("≤ {}×", t.bound),
+    };
+    Some(format!(
+        "| {} | {} | {} | {} |\n",
+        t.what,
+        shown,
+        bound,
+        if pass { "pass" } else { "MISS" }
+    ))
 }
 
 pub fn main(args: ReportArgs) -> Result<(), String> {
@@ -422,58 +582,13 @@ pub fn main(args: ReportArgs) -> Result<(), String> {
         "| target | measured (median; per-run range) | bound | verdict |\n|---|---|---|---|\n",
     );
     for t in TARGETS {
-        let Some(a) = median_of(&runs, t.scenario, t.a, t.pointer) else {
-            continue;
-        };
-        let b = if t.b.is_empty() {
-            None
-        } else {
-            match median_of(&runs, t.scenario, t.b, t.pointer) {
-                Some(b) => Some(b),
-                None => continue,
-            }
-        };
-        let combine = |x: f64, y: f64| match t.kind {
-            Kind::Ratio => x / y,
-            Kind::Added => x - y,
-            Kind::Absolute => x,
-        };
-        let value = combine(a, b.unwrap_or(0.0));
-        let pass = match t.kind {
-            Kind::Ratio => value >= t.bound,
-            Kind::Added | Kind::Absolute => value <= t.bound,
-        };
-        // Per-run range: pair run i of one path with run i of the other.
-        let range = if t.b.is_empty() {
-            stats(&values(&runs, t.scenario, t.a, t.pointer))
-        } else {
-            let ra = by_run(&runs, t.scenario, t.a, t.pointer);
-            let rb = by_run(&runs, t.scenario, t.b, t.pointer);
-            let paired: Vec<f64> = ra
-                .iter()
-                .filter_map(|(run, x)| rb.get(run).map(|y| combine(*x, *y)))
-                .collect();
-            stats(&paired)
-        };
-        let shown = match range {
-            Some(r) if r.n > 1 => {
-                format!("{} ({}–{})", fmt_num(value), fmt_num(r.min), fmt_num(r.max))
-            }
-            _ => fmt_num(value),
-        };
-        let bound = match t.kind {
-            Kind::Ratio => format!("≥ {}×", t.bound),
-            Kind::Added | Kind::Absolute => format!("≤ {}", t.bound),
-        };
-        out.push_str(&format!(
-            "| {} | {} | {} | {} |\n",
-            t.what,
-            shown,
-            bound,
-            if pass { "pass" } else { "MISS" }
-        ));
+        if let Some(row) = target_row(&runs, t) {
+            out.push_str(&row);
+        }
     }
     out.push_str(&mode_ratios(&runs));
+    out.push_str(&mode_ratios_wss(&runs));
+    out.push_str(&listener_ratios(&runs));
     let problems = check(&runs);
     if !problems.is_empty() {
         out.push_str("\nRuns that did not do all they were asked:\n\n");
@@ -488,21 +603,64 @@ pub fn main(args: ReportArgs) -> Result<(), String> {
     Ok(())
 }
 
-/// The terminate/transparent table: for every figure both modes measured, the ratio of the
-/// medians and the median and range of run-by-run ratios (run i of one against run i of the
-/// other; on a loaded machine the paired median is the steadier of the two).
-/// Empty when the run had no `vncgate-terminate` path.
+/// The terminate/transparent table (see [`ab_table`]); empty when the run had no
+/// `vncgate-terminate` path.
 fn mode_ratios(runs: &Runs) -> String {
+    ab_table(
+        runs,
+        TRANSPARENT,
+        TERMINATE,
+        &format!(
+            "RFB mode A/B (`{TRANSPARENT}` = `rfb.mode: transparent`, `{TERMINATE}` = \
+             `rfb.mode: terminate`, same config otherwise)"
+        ),
+        ("transparent", "terminate"),
+    )
+}
+
+/// The RFB mode A/B on the TLS listener; empty without `vncgate-terminate-wss`.
+fn mode_ratios_wss(runs: &Runs) -> String {
+    ab_table(
+        runs,
+        WSS,
+        TERMINATE_WSS,
+        &format!(
+            "RFB mode A/B over wss:// (`{WSS}` = `rfb.mode: transparent`, `{TERMINATE_WSS}` = \
+             `rfb.mode: terminate`, same config otherwise)"
+        ),
+        ("transparent", "terminate"),
+    )
+}
+
+/// The listener A/B: what the TLS listener costs the same gateway config (ws:// against
+/// wss://); empty when the run did not have both.
+fn listener_ratios(runs: &Runs) -> String {
+    ab_table(
+        runs,
+        TRANSPARENT,
+        WSS,
+        &format!(
+            "Listener A/B (`{TRANSPARENT}` = plain listener, ws://; `{WSS}` = the same config \
+             with `listeners[].tls`, wss://)"
+        ),
+        ("ws", "wss"),
+    )
+}
+
+/// An A/B table of two paths: for every figure both measured, the ratio of the medians and
+/// the median and range of run-by-run ratios (run i of one against run i of the other; on a
+/// loaded machine the paired median is the steadier of the two). Empty when a path is missing.
+fn ab_table(runs: &Runs, base: &str, variant: &str, heading: &str, names: (&str, &str)) -> String {
     let mut rows = String::new();
     for f in FIGURES {
-        let (Some(term), Some(transp)) = (
-            median_of(runs, f.scenario, TERMINATE, f.pointer),
-            median_of(runs, f.scenario, TRANSPARENT, f.pointer),
+        let (Some(v), Some(b)) = (
+            median_of(runs, f.scenario, variant, f.pointer),
+            median_of(runs, f.scenario, base, f.pointer),
         ) else {
             continue;
         };
-        let ra = by_run(runs, f.scenario, TERMINATE, f.pointer);
-        let rb = by_run(runs, f.scenario, TRANSPARENT, f.pointer);
+        let ra = by_run(runs, f.scenario, variant, f.pointer);
+        let rb = by_run(runs, f.scenario, base, f.pointer);
         let paired: Vec<f64> = ra
             .iter()
             .filter_map(|(run, x)| rb.get(run).map(|y| x / y))
@@ -520,19 +678,19 @@ fn mode_ratios(runs: &Runs) -> String {
         rows.push_str(&format!(
             "| {} | {} | {} | {} | {} |\n",
             f.name,
-            fmt_num(transp),
-            fmt_num(term),
-            fmt_num(term / transp),
+            fmt_num(b),
+            fmt_num(v),
+            fmt_num(v / b),
             range
         ));
     }
     if rows.is_empty() {
         return rows;
     }
+    let (nb, nv) = names;
     format!(
-        "\nRFB mode A/B (`{TRANSPARENT}` = `rfb.mode: transparent`, `{TERMINATE}` = `rfb.mode: \
-         terminate`, same config otherwise):\n\n| figure | transparent (median) | terminate \
-         (median) | terminate / transparent (medians) | per-run ratios: median (min–max) |\n|---|---|---|---|---|\n{rows}"
+        "\n{heading}:\n\n| figure | {nb} (median) | {nv} (median) | {nv} / {nb} (medians) | \
+         per-run ratios: median (min–max) |\n|---|---|---|---|---|\n{rows}"
     )
 }
 
@@ -564,7 +722,7 @@ fn check(runs: &Runs) -> Vec<String> {
                 let measured = match scenario.as_str() {
                     s if s.starts_with("bulk-") => num("/result/mb_per_s"),
                     "latency" => num("/result/count"),
-                    "upgrades" => num("/result/ok"),
+                    "upgrades" | "upgrades-resume" => num("/result/ok"),
                     "idle" => num("/result/established"),
                     "first-update" => num("/result/count"),
                     "fairness" => num("/result/interactive/count")
@@ -612,6 +770,57 @@ mod tests {
         );
         runs.get_mut("bulk-1").unwrap().remove(TERMINATE);
         assert!(mode_ratios(&runs).is_empty());
+    }
+
+    #[test]
+    fn added_share_target_pairs_three_paths() {
+        let mut runs: Runs = BTreeMap::new();
+        // vncgate-wss adds 10 µs over direct TLS, websockify-wss 40: a quarter.
+        for (label, p50) in [
+            ("direct-tls", [100.0, 100.0]),
+            ("vncgate-wss", [110.0, 120.0]),
+            ("websockify-wss", [140.0, 140.0]),
+        ] {
+            for (i, us) in p50.into_iter().enumerate() {
+                runs.entry("latency".into())
+                    .or_default()
+                    .entry(label.into())
+                    .or_default()
+                    .push(serde_json::json!({"scenario": "latency", "label": label,
+                        "run": i as u64 + 1, "result": {"p50_us": us}}));
+            }
+        }
+        let t = TARGETS
+            .iter()
+            .find(|t| matches!(t.kind, Kind::AddedShare { .. }))
+            .unwrap();
+        let row = target_row(&runs, t).unwrap();
+        assert!(
+            row.contains("| 0.38 (0.25–0.50) | ≤ 0.5× | pass |"),
+            "{row}"
+        );
+        runs.get_mut("latency").unwrap().remove("websockify-wss");
+        assert!(target_row(&runs, t).is_none());
+    }
+
+    #[test]
+    fn listener_table_needs_both_listeners() {
+        let mut runs: Runs = BTreeMap::new();
+        for (label, mb) in [(TRANSPARENT, 400.0), (WSS, 100.0)] {
+            runs.entry("bulk-1".into())
+                .or_default()
+                .entry(label.into())
+                .or_default()
+                .push(line("bulk-1", label, 1, mb));
+        }
+        let table = listener_ratios(&runs);
+        assert!(table.contains("| ws (median) | wss (median) | wss / ws (medians) |"));
+        assert!(
+            table.contains("| bulk, 1 session: MB/s | 400 | 100 | 0.25 | 0.25 |"),
+            "{table}"
+        );
+        runs.get_mut("bulk-1").unwrap().remove(WSS);
+        assert!(listener_ratios(&runs).is_empty());
     }
 
     #[test]
