@@ -12,10 +12,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use pingora_core::apps::{ReusedHttpStream, ServerApp};
 use pingora_core::listeners::tls::Acceptor;
+use pingora_core::protocols::Stream;
 use pingora_core::protocols::http::ServerSession;
 use pingora_core::protocols::http::v1::server::HttpSession;
 use pingora_core::protocols::l4::stream::Stream as L4Stream;
-use pingora_core::protocols::Stream;
 use pingora_core::server::ShutdownWatch;
 
 use super::pre_auth::{ConnRefusal, PreAuthPermit};
