@@ -98,7 +98,7 @@ fn streams() -> usize {
     BULK_STREAMS.load(Ordering::Relaxed)
 }
 
-/// The largest chunk a stream should splice now.
+/// The largest chunk a stream should move now, spliced or copied.
 pub fn chunk_cap() -> usize {
     cap_for(streams())
 }
