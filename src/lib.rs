@@ -21,7 +21,8 @@
 //!   revocation and expiry reach each one; [`control`] carries kicks and revocations to every
 //!   replica.
 //! - [`recording`]: session recordings (FBS files plus a `.jsonl` audit beside them), written by
-//!   a task per recording so the relay never waits on the disk; retention and `recording verify`.
+//!   a task per recording so the relay never waits on the disk; retention, `recording verify`,
+//!   and `recording export` (the RFB stream decoded into a PNG).
 //! - [`metrics`] and [`telemetry`]: the contract's Prometheus metrics and JSON logs.
 //! - [`config`]: file schema, validation with key paths, and the resolved [`config::Config`].
 //! - [`server`]: builds Pingora's `Server` from the config and runs it; [`cli`] is the command line.
