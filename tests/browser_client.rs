@@ -127,7 +127,10 @@ async fn a_react_app_refreshes_reloads_reconnects_and_stops_as_the_contract_says
     // ---- The first token expires: 4001, a fresh token, the same desktop; nothing else shown.
     let state = wait_for(
         &page,
-        "window.vncgateExample.closes.some(c => c.code === 4001) \
+        // 4001 on the live session; on a machine slow enough that the token expired before
+        // the upgrade, the same refresh comes from the refusal (401 token_expired) instead.
+        "window.vncgateExample.closes.some(c => c.code === 4001 \
+           || c.refusal?.error === 'token_expired') \
          && window.vncgateExample.state === 'connected' && window.vncgateExample",
     )
     .await;
@@ -136,10 +139,17 @@ async fn a_react_app_refreshes_reloads_reconnects_and_stops_as_the_contract_says
     let calls = token_calls(&page).await;
     assert!(reasons(&calls).contains(&"expired"), "{calls:?}");
     assert!(calls.iter().all(|c| c["sid"] == sid.as_str()), "{calls:?}");
-    gw.wait_log(|v| {
-        v["event"] == "session_ended" && v["session_id"] == sid.as_str() && v["close_code"] == 4001
-    })
-    .await;
+    let closed_live = state["closes"]
+        .as_array()
+        .is_some_and(|c| c.iter().any(|c| c["code"] == 4001));
+    if closed_live {
+        gw.wait_log(|v| {
+            v["event"] == "session_ended"
+                && v["session_id"] == sid.as_str()
+                && v["close_code"] == 4001
+        })
+        .await;
+    }
 
     // ---- Session events: a second viewer joins, the admin switches the input mode.
     let viewer_token = jwt("bob", &sid, json!({ "share": "view" }));
