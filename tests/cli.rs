@@ -243,6 +243,7 @@ fn example_shows_every_config_key() {
         "listeners[].tls.cert",
         "listeners[].tls.key",
         "paths",
+        "events_path",
         "web_root",
         "admin",
         "admin.addr",
