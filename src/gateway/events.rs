@@ -291,17 +291,7 @@ async fn refuse(
     refusal: Refusal,
 ) -> Option<ReusedHttpStream> {
     let code = refusal.code;
-    if code.is_auth_failure() {
-        gw.metrics
-            .auth_failures_total
-            .with_label_values(&[code.as_str()])
-            .inc();
-    }
-    if code.counts_toward_throttle()
-        && let Some(ip) = conn.client_addr.map(|a| a.ip())
-    {
-        gw.admission.record_auth_failure(ip);
-    }
+    gw.count_refusal(code, conn.client_addr.map(|a| a.ip()));
     tracing::info!(
         event = "events_rejected",
         code = code.as_str(),

@@ -97,6 +97,23 @@ impl Gateway {
     pub fn verifier(&self) -> Arc<Verifier> {
         self.verifier.load_full()
     }
+
+    /// What every refused request counts, whatever it asked for (an upgrade, the events
+    /// stream): an authentication failure in `vncgate_auth_failures_total`, and against the
+    /// client address's throttle when the code counts toward it.
+    pub(crate) fn count_refusal(&self, code: ErrorCode, ip: Option<std::net::IpAddr>) {
+        if code.is_auth_failure() {
+            self.metrics
+                .auth_failures_total
+                .with_label_values(&[code.as_str()])
+                .inc();
+        }
+        if code.counts_toward_throttle()
+            && let Some(ip) = ip
+        {
+            self.admission.record_auth_failure(ip);
+        }
+    }
 }
 
 /// The public listeners' app (its accept path is in [`connection`]).

@@ -523,17 +523,7 @@ async fn refuse(
         .upgrades_total
         .with_label_values(&[code.as_str()])
         .inc();
-    if code.is_auth_failure() {
-        gw.metrics
-            .auth_failures_total
-            .with_label_values(&[code.as_str()])
-            .inc();
-    }
-    if code.counts_toward_throttle()
-        && let Some(ip) = ip
-    {
-        gw.admission.record_auth_failure(ip);
-    }
+    gw.count_refusal(code, ip);
     let target = extract::redacted_target(&session.req_header().uri);
     tracing::info!(
         event = "upgrade_rejected",
