@@ -506,67 +506,59 @@ impl Decoder {
         let bpp = self.pixels.bytes();
         let (mut bg, mut fg) = ([0u8; 3], [0u8; 3]);
         let mut at = 0;
-        for ty in (0..r.h).step_by(16) {
-            for tx in (0..r.w).step_by(16) {
-                let tile = Rect {
-                    x: r.x + tx,
-                    y: r.y + ty,
-                    w: (r.w - tx).min(16),
-                    h: (r.h - ty).min(16),
-                };
-                let Some(&sub) = body.get(at) else {
+        for tile in tiles(r, 16) {
+            let Some(&sub) = body.get(at) else {
+                return Ok(None);
+            };
+            at += 1;
+            if sub & RAW != 0 {
+                let Some(px) = body.get(at..at + tile.w * tile.h * bpp) else {
                     return Ok(None);
                 };
-                at += 1;
-                if sub & RAW != 0 {
-                    let Some(px) = body.get(at..at + tile.w * tile.h * bpp) else {
-                        return Ok(None);
-                    };
-                    self.put_pixels(tile, px);
-                    at += px.len();
-                    continue;
-                }
-                let mut take = |n: usize| {
-                    let got = body.get(at..at + n);
-                    at += n;
-                    got
-                };
-                if sub & BACKGROUND != 0 {
-                    let Some(px) = take(bpp) else {
-                        return Ok(None);
-                    };
-                    bg = self.pixels.rgb(px);
-                }
-                if sub & FOREGROUND != 0 {
-                    let Some(px) = take(bpp) else {
-                        return Ok(None);
-                    };
-                    fg = self.pixels.rgb(px);
-                }
-                self.fb.fill(tile, bg);
-                if sub & ANY_SUBRECTS == 0 {
-                    continue;
-                }
-                let Some(&[count]) = take(1) else {
+                self.put_pixels(tile, px);
+                at += px.len();
+                continue;
+            }
+            let mut take = |n: usize| {
+                let got = body.get(at..at + n);
+                at += n;
+                got
+            };
+            if sub & BACKGROUND != 0 {
+                let Some(px) = take(bpp) else {
                     return Ok(None);
                 };
-                let each = if sub & COLOURED != 0 { bpp + 2 } else { 2 };
-                let Some(subs) = take(usize::from(count) * each) else {
+                bg = self.pixels.rgb(px);
+            }
+            if sub & FOREGROUND != 0 {
+                let Some(px) = take(bpp) else {
                     return Ok(None);
                 };
-                for s in subs.chunks_exact(each) {
-                    let (colour, xy, wh) = match sub & COLOURED {
-                        0 => (fg, s[0], s[1]),
-                        _ => (self.pixels.rgb(&s[..bpp]), s[bpp], s[bpp + 1]),
-                    };
-                    let sub_rect = Rect {
-                        x: tile.x + usize::from(xy >> 4),
-                        y: tile.y + usize::from(xy & 15),
-                        w: usize::from(wh >> 4) + 1,
-                        h: usize::from(wh & 15) + 1,
-                    };
-                    self.fb.fill(clip(sub_rect, tile), colour);
-                }
+                fg = self.pixels.rgb(px);
+            }
+            self.fb.fill(tile, bg);
+            if sub & ANY_SUBRECTS == 0 {
+                continue;
+            }
+            let Some(&[count]) = take(1) else {
+                return Ok(None);
+            };
+            let each = if sub & COLOURED != 0 { bpp + 2 } else { 2 };
+            let Some(subs) = take(usize::from(count) * each) else {
+                return Ok(None);
+            };
+            for s in subs.chunks_exact(each) {
+                let (colour, xy, wh) = match sub & COLOURED {
+                    0 => (fg, s[0], s[1]),
+                    _ => (self.pixels.rgb(&s[..bpp]), s[bpp], s[bpp + 1]),
+                };
+                let sub_rect = Rect {
+                    x: tile.x + usize::from(xy >> 4),
+                    y: tile.y + usize::from(xy & 15),
+                    w: usize::from(wh >> 4) + 1,
+                    h: usize::from(wh & 15) + 1,
+                };
+                self.fb.fill(clip(sub_rect, tile), colour);
             }
         }
         Ok(Some(at))
@@ -588,90 +580,95 @@ impl Decoder {
             None => pixels.rgb(c),
         };
         let mut s = Reader::new(data);
-        for ty in (0..r.h).step_by(64) {
-            for tx in (0..r.w).step_by(64) {
-                let tile = Rect {
-                    x: r.x + tx,
-                    y: r.y + ty,
-                    w: (r.w - tx).min(64),
-                    h: (r.h - ty).min(64),
-                };
-                let area = tile.w * tile.h;
-                let sub = s.take(1).ok_or_else(bad)?[0];
-                let at = |i: usize| (tile.x + i % tile.w, tile.y + i / tile.w);
-                match sub {
-                    0 => {
-                        let px = s.take(area * cbytes).ok_or_else(bad)?;
-                        for (i, c) in px.chunks_exact(cbytes).enumerate() {
-                            let (x, y) = at(i);
-                            self.fb.put(x, y, colour(c));
+        for tile in tiles(r, 64) {
+            let area = tile.w * tile.h;
+            let sub = s.take(1).ok_or_else(bad)?[0];
+            let at = |i: usize| (tile.x + i % tile.w, tile.y + i / tile.w);
+            match sub {
+                0 => {
+                    let px = s.take(area * cbytes).ok_or_else(bad)?;
+                    for (i, c) in px.chunks_exact(cbytes).enumerate() {
+                        let (x, y) = at(i);
+                        self.fb.put(x, y, colour(c));
+                    }
+                }
+                1 => {
+                    let c = s.take(cbytes).ok_or_else(bad)?;
+                    self.fb.fill(tile, colour(c));
+                }
+                2..=16 => {
+                    let palette: Vec<[u8; 3]> = s
+                        .take(usize::from(sub) * cbytes)
+                        .ok_or_else(bad)?
+                        .chunks_exact(cbytes)
+                        .map(&colour)
+                        .collect();
+                    let bits = match sub {
+                        2 => 1,
+                        3 | 4 => 2,
+                        _ => 4,
+                    };
+                    let row_bytes = (tile.w * bits).div_ceil(8);
+                    let packed = s.take(row_bytes * tile.h).ok_or_else(bad)?;
+                    for y in 0..tile.h {
+                        let row = &packed[y * row_bytes..(y + 1) * row_bytes];
+                        for x in 0..tile.w {
+                            let bit = x * bits;
+                            let byte = row[bit / 8];
+                            let index = (byte >> (8 - bits - bit % 8)) & ((1 << bits) - 1);
+                            let rgb = palette.get(usize::from(index)).ok_or_else(bad)?;
+                            self.fb.put(tile.x + x, tile.y + y, *rgb);
                         }
                     }
-                    1 => {
-                        let c = s.take(cbytes).ok_or_else(bad)?;
-                        self.fb.fill(tile, colour(c));
-                    }
-                    2..=16 => {
-                        let palette: Vec<[u8; 3]> = s
-                            .take(usize::from(sub) * cbytes)
+                }
+                128 | 130..=255 => {
+                    let palette: Vec<[u8; 3]> = match sub {
+                        128 => Vec::new(),
+                        _ => s
+                            .take(usize::from(sub - 128) * cbytes)
                             .ok_or_else(bad)?
                             .chunks_exact(cbytes)
                             .map(&colour)
-                            .collect();
-                        let bits = match sub {
-                            2 => 1,
-                            3 | 4 => 2,
-                            _ => 4,
-                        };
-                        let row_bytes = (tile.w * bits).div_ceil(8);
-                        let packed = s.take(row_bytes * tile.h).ok_or_else(bad)?;
-                        for y in 0..tile.h {
-                            let row = &packed[y * row_bytes..(y + 1) * row_bytes];
-                            for x in 0..tile.w {
-                                let bit = x * bits;
-                                let byte = row[bit / 8];
-                                let index = (byte >> (8 - bits - bit % 8)) & ((1 << bits) - 1);
-                                let rgb = palette.get(usize::from(index)).ok_or_else(bad)?;
-                                self.fb.put(tile.x + x, tile.y + y, *rgb);
+                            .collect(),
+                    };
+                    let mut i = 0;
+                    while i < area {
+                        let (rgb, run) = if sub == 128 {
+                            let c = colour(s.take(cbytes).ok_or_else(bad)?);
+                            (c, run_length(&mut s).ok_or_else(bad)?)
+                        } else {
+                            let index = s.take(1).ok_or_else(bad)?[0];
+                            let rgb = *palette.get(usize::from(index & 127)).ok_or_else(bad)?;
+                            match index & 128 {
+                                0 => (rgb, 1),
+                                _ => (rgb, run_length(&mut s).ok_or_else(bad)?),
                             }
+                        };
+                        for _ in 0..run.min(area - i) {
+                            let (x, y) = at(i);
+                            self.fb.put(x, y, rgb);
+                            i += 1;
                         }
                     }
-                    128 | 130..=255 => {
-                        let palette: Vec<[u8; 3]> = match sub {
-                            128 => Vec::new(),
-                            _ => s
-                                .take(usize::from(sub - 128) * cbytes)
-                                .ok_or_else(bad)?
-                                .chunks_exact(cbytes)
-                                .map(&colour)
-                                .collect(),
-                        };
-                        let mut i = 0;
-                        while i < area {
-                            let (rgb, run) = if sub == 128 {
-                                let c = colour(s.take(cbytes).ok_or_else(bad)?);
-                                (c, run_length(&mut s).ok_or_else(bad)?)
-                            } else {
-                                let index = s.take(1).ok_or_else(bad)?[0];
-                                let rgb = *palette.get(usize::from(index & 127)).ok_or_else(bad)?;
-                                match index & 128 {
-                                    0 => (rgb, 1),
-                                    _ => (rgb, run_length(&mut s).ok_or_else(bad)?),
-                                }
-                            };
-                            for _ in 0..run.min(area - i) {
-                                let (x, y) = at(i);
-                                self.fb.put(x, y, rgb);
-                                i += 1;
-                            }
-                        }
-                    }
-                    _ => return Err(bad()),
                 }
+                _ => return Err(bad()),
             }
         }
         Ok(())
     }
+}
+
+/// A rectangle's tiles of `size` x `size` (smaller at its right and bottom edges), left to
+/// right, top to bottom: Hextile's 16 and ZRLE's 64.
+fn tiles(r: Rect, size: usize) -> impl Iterator<Item = Rect> {
+    (0..r.h).step_by(size).flat_map(move |ty| {
+        (0..r.w).step_by(size).map(move |tx| Rect {
+            x: r.x + tx,
+            y: r.y + ty,
+            w: (r.w - tx).min(size),
+            h: (r.h - ty).min(size),
+        })
+    })
 }
 
 /// ZRLE's run length: bytes of 255 summed, then one below 255, plus one.
