@@ -246,11 +246,6 @@ async fn admit(
     drop(token);
     conn.authenticated();
     authorize::authorize(&claims, &config)?;
-    if let Some(jti) = &claims.jti
-        && gw.router.is_revoked(jti).await
-    {
-        return Err(crate::auth::AuthError::Revoked.into());
-    }
     let span = Span::current();
     span.record("session_id", claims.session_id());
     span.record("user_id", claims.sub.as_str());
@@ -287,6 +282,15 @@ async fn admit(
         },
         terminate && claims.starts_view_only(),
     );
+    // The revocation check comes after the registration, never before: a revocation is stored
+    // before it is broadcast, so one stored before this read is seen here and one stored after
+    // it reaches the registration. Checked before registering, a revocation landing between
+    // the two was lost and the revoked token got its session.
+    if let Some(jti) = &claims.jti
+        && gw.router.is_revoked(jti).await
+    {
+        return Err(crate::auth::AuthError::Revoked.into());
+    }
     let mut placement = gw.router.place(&config, &claims).await?;
     span.record("backend", placement.backend.name.as_str());
     let role = match claims.share {
