@@ -316,10 +316,9 @@ impl Registry {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn info(conn_id: u64, user: &str) -> SessionInfo {
+impl SessionInfo {
+    /// A connection of `user` on backend `a` of the default pool, for unit tests.
+    pub(crate) fn for_test(conn_id: u64, user: &str) -> SessionInfo {
         SessionInfo {
             conn_id,
             session_id: format!("s{conn_id}"),
@@ -336,6 +335,15 @@ mod tests {
             connected: true,
             recorded: false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(conn_id: u64, user: &str) -> SessionInfo {
+        SessionInfo::for_test(conn_id, user)
     }
 
     impl Registry {
@@ -402,16 +410,6 @@ mod tests {
         assert_eq!(*rx.borrow(), Some(CloseCode::TokenExpired));
         assert_eq!(*other.borrow(), None, "only the expired connection closes");
         timer.abort();
-    }
-
-    /// The registry's half; that the bridge acts on a value it was born with (a watch channel's
-    /// initial value is not a change) is `bridge::tests::a_session_born_closing_closes_with_its_code`.
-    #[tokio::test]
-    async fn sessions_registering_after_a_drain_start_closed() {
-        let r = Registry::new();
-        r.close_all_from_now(CloseCode::GoingAway);
-        let (_g, rx) = r.register_for_test(info(1, "late"));
-        assert_eq!(*rx.borrow(), Some(CloseCode::GoingAway));
     }
 
     #[tokio::test]

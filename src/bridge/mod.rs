@@ -563,18 +563,22 @@ mod tests {
         Meters::new(&crate::metrics::Metrics::new(&config).expect("metrics"))
     }
 
-    /// A session whose control channel already says "close" when it starts (registered after
-    /// the drain began) closes at once with that code instead of running until exit.
+    /// A session registered after the drain began is born closing (its control channel's
+    /// initial value, which a watch channel never reports as a change): the bridge closes it at
+    /// once with 1001 instead of relaying until the process exits (and the client sees 1006).
     #[tokio::test]
-    async fn a_session_born_closing_closes_with_its_code() {
+    async fn a_session_registered_after_the_drain_started_closes_1001() {
         let (client_io, gateway_io) = tokio::io::duplex(64 * 1024);
         let (backend_io, _backend_peer) = tokio::io::duplex(64 * 1024);
         let ws = WebSocketStream::from_raw_socket(gateway_io, Role::Server, None).await;
         let mut client = WebSocketStream::from_raw_socket(client_io, Role::Client, None).await;
         let (r, w) = backend::stream(backend_io);
-        let (_tx, control) = watch::channel(Some(CloseCode::GoingAway));
+        let registry = crate::sessions::Registry::new();
+        registry.close_all_from_now(CloseCode::GoingAway);
+        let (_registration, control) =
+            registry.register(crate::sessions::SessionInfo::for_test(1, "late"), false);
         let (limits, meters) = (limits(), meters());
-        let run = run(ws, r, w, &limits, &meters, control, None, None);
+        let run = run(ws, r, w, &limits, &meters, control.close, None, None);
         let outcome = tokio::time::timeout(Duration::from_secs(10), async {
             let (outcome, frame) = tokio::join!(run, async {
                 loop {
