@@ -432,3 +432,299 @@ async fn the_fault_proxy_does_what_it_says() {
     assert_eq!(b.read(&mut byte).await.expect("orderly close"), 0, "FIN");
     assert!(proxy.accepted() >= 2);
 }
+
+/// `fut` must finish within [`EVENT_TIMEOUT`]: a hang is a failure, not a stuck test.
+async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(EVENT_TIMEOUT, fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish within {EVENT_TIMEOUT:?}"))
+}
+
+/// The backend the rendezvous hash picks for `sid` over d0 and d1 (where degraded placement
+/// sends a session without a pin), and the other one.
+fn rendezvous(sid: &str) -> (String, String) {
+    let preferred = vncgate::routing::placement::least_loaded(sid, &[("d0", 0), ("d1", 0)])
+        .expect("a backend")
+        .to_owned();
+    let other = if preferred == "d0" { "d1" } else { "d0" };
+    (preferred, other.to_owned())
+}
+
+/// A live session relays: a framebuffer update request is answered, with the colour of the
+/// desk it was placed on (`desks` paints d{i} in red `i`).
+async fn assert_relays(live: &mut Live, what: &str) {
+    let update = within(
+        what,
+        rfb_client::first_framebuffer_update(&mut live.ws, &mut live.session),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{what}: no framebuffer update: {e}"));
+    let desk: u8 = live.session.server_name[1..].parse().expect("d{i}");
+    assert_eq!(update.first_pixel_rgb, [desk, 0, 0], "{what}");
+}
+
+async fn live_session_ids(gw: &Gateway) -> Vec<String> {
+    let (status, body) = gw.admin("GET", "/admin/sessions", "").await;
+    assert_eq!(status, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).expect("json");
+    let mut sids: Vec<String> = answer["sessions"]
+        .as_array()
+        .expect("sessions")
+        .iter()
+        .map(|s| s["session_id"].as_str().expect("session_id").to_owned())
+        .collect();
+    sids.sort();
+    sids
+}
+
+/// The path to Redis breaks mid-stream with `fault` (RST or FIN on every current connection,
+/// and on every new one while it holds). The replica notices by itself and serves degraded;
+/// the two live sessions (one on each desk) keep relaying and stay registered; new upgrades
+/// still get in, bound as before (the live session's owner back to its desk, which is not the
+/// rendezvous choice; another user refused; a new `sid` twice on the same desk). When the path
+/// heals, the store is up again, the pins of the sessions opened meanwhile are written back,
+/// and the live sessions still relay.
+async fn a_broken_redis_path_degrades_then_recovers(fault: Fault) {
+    let redis = RedisServer::start().await.expect("redis");
+    let proxy = FaultProxy::start(redis_addr(&redis)).await.expect("proxy");
+    let desks = desks(2).await;
+    let gw = Gateway::start(config(&desks, url_via(&proxy))).await;
+    gw.wait_log(|v| v["event"] == "store_subscribed").await;
+    readyz_until(&gw, "ready", fully_ready).await;
+
+    // Alice's session sits on the desk the rendezvous hash does NOT pick for her sid, so only
+    // her pin can send her back there while the store is away.
+    let (_, alices_desk) = rendezvous("alive");
+    let bobs_desk = if alices_desk == "d0" { "d1" } else { "d0" };
+    let mut alice = open(
+        &gw,
+        &jwt("alice", "alive", json!({ "backend": alices_desk.clone() })),
+    )
+    .await;
+    let mut bob = open(&gw, &jwt("bob", "bobs", json!({ "backend": bobs_desk }))).await;
+    assert_eq!(
+        (
+            alice.session.server_name.as_str(),
+            bob.session.server_name.as_str()
+        ),
+        (alices_desk.as_str(), bobs_desk)
+    );
+    assert_relays(&mut alice, "alice before the fault").await;
+    assert_relays(&mut bob, "bob before the fault").await;
+
+    proxy.set(fault);
+    let ready = readyz_until(&gw, "degraded with the subscriber down", |r| {
+        is_degraded(r) && r["subscriber"] == "down"
+    })
+    .await;
+    assert_eq!(ready["backends"]["healthy"], 2, "{ready}");
+    assert_eq!(gw.metric("vncgate_store_up").await, 0.0);
+    assert_eq!(gw.metric("vncgate_store_subscriber_up").await, 0.0);
+
+    // The live sessions are untouched: registered and relaying.
+    assert_eq!(live_session_ids(&gw).await, ["alive", "bobs"]);
+    assert_relays(&mut alice, "alice while the store is away").await;
+    assert_relays(&mut bob, "bob while the store is away").await;
+
+    // New upgrades get in, degraded, with owner binding intact.
+    let again = within(
+        "alice's second upgrade",
+        open(&gw, &jwt("alice", "alive", json!({}))),
+    )
+    .await;
+    assert_eq!(
+        again.session.server_name, alices_desk,
+        "the cached pin, not the rendezvous choice"
+    );
+    assert_eq!(
+        within(
+            "mallory's upgrade",
+            refusal(&gw, &jwt("mallory", "alive", json!({})))
+        )
+        .await,
+        (403, "session_owned_by_other_user".into())
+    );
+    let (fresh_desk, _) = rendezvous("fresh");
+    let carol = within(
+        "carol's upgrade",
+        open(&gw, &jwt("carol", "fresh", json!({}))),
+    )
+    .await;
+    assert_eq!(carol.session.server_name, fresh_desk);
+    let carol_again = within(
+        "carol's second upgrade",
+        open(&gw, &jwt("carol", "fresh", json!({}))),
+    )
+    .await;
+    assert_eq!(carol_again.session.server_name, fresh_desk);
+    assert_eq!(
+        within(
+            "dave's upgrade",
+            refusal(&gw, &jwt("dave", "fresh", json!({})))
+        )
+        .await,
+        (403, "session_owned_by_other_user".into())
+    );
+
+    proxy.set(Fault::Pass);
+    let reconnected = gw.wait_log(|v| v["event"] == "store_reconnected").await;
+    assert!(
+        reconnected["pins_written"].as_u64() >= Some(2),
+        "the live sessions' pins are written back: {reconnected}"
+    );
+    readyz_until(&gw, "ready again", fully_ready).await;
+    assert_eq!(gw.metric("vncgate_store_up").await, 1.0);
+    assert_eq!(gw.metric("vncgate_store_subscriber_up").await, 1.0);
+    let mut con = redis.client().await.expect("client");
+    let owner: Option<String> = con
+        .hget("vncgate:session:fresh", "owner")
+        .await
+        .expect("hget");
+    assert_eq!(
+        owner.as_deref(),
+        Some("carol"),
+        "the pin made while degraded is in the store"
+    );
+    // Nobody was disturbed: the sessions from before the fault still relay.
+    assert_eq!(
+        live_session_ids(&gw).await,
+        ["alive", "alive", "bobs", "fresh", "fresh"]
+    );
+    assert_relays(&mut alice, "alice after the fault").await;
+    assert_relays(&mut bob, "bob after the fault").await;
+}
+
+#[tokio::test]
+async fn a_reset_redis_path_degrades_then_recovers_without_dropping_sessions() {
+    a_broken_redis_path_degrades_then_recovers(Fault::Reset).await;
+}
+
+#[tokio::test]
+async fn a_closed_redis_path_degrades_then_recovers_without_dropping_sessions() {
+    a_broken_redis_path_degrades_then_recovers(Fault::Drop).await;
+}
+
+/// A store operation that failed (timed out) and was counted: the warning of the op accounting
+/// (`in_a_row`), or the one that marks the store down (`store: unreachable`).
+fn op_failed(v: &Value) -> bool {
+    v["event"] == "store_error" && (v.get("in_a_row").is_some() || v["store"] == "unreachable")
+}
+
+/// One reply from Redis comes later than the operation timeout: the path pauses (nothing is
+/// lost, everything held arrives once it resumes) while an upgrade asks the store, and resumes
+/// as soon as the gateway has given up on one operation. That is one slow operation, not an
+/// outage: the store is not marked down (no `store_error` with `store: unreachable`, no
+/// reconnect, `vncgate_store_up` 1 and `/readyz` ready throughout), the upgrade made during
+/// the spike gets in, and those after it are pinned in the store again. A store marked down
+/// by a single timeout fails the first assertion after the spike.
+#[tokio::test]
+async fn one_slow_redis_reply_does_not_mark_the_store_down() {
+    let redis = RedisServer::start().await.expect("redis");
+    let proxy = FaultProxy::start(redis_addr(&redis)).await.expect("proxy");
+    let desks = desks(1).await;
+    let gw = Gateway::start(config(&desks, url_via(&proxy))).await;
+    gw.wait_log(|v| v["event"] == "store_subscribed").await;
+    readyz_until(&gw, "ready", fully_ready).await;
+    assert_eq!(gw.metric("vncgate_store_up").await, 1.0);
+    let mut bystander = open(&gw, &jwt("bystander", "calm", json!({}))).await;
+    let failed_before = gw.logs().iter().filter(|v| op_failed(v)).count();
+
+    // Watch /readyz and the gauge for as long as the spike and its aftermath last.
+    let watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let watcher = {
+        let watching = std::sync::Arc::clone(&watching);
+        let admin_port = gw.admin_port;
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while watching.load(std::sync::atomic::Ordering::SeqCst) {
+                let (_, body) = common::http_get(admin_port, "/readyz", &[]).await;
+                let ready: Value = serde_json::from_str(&body).expect("json");
+                let (_, metrics) = common::http_get(admin_port, "/metrics", &[]).await;
+                let up = metrics
+                    .lines()
+                    .find_map(|l| l.strip_prefix("vncgate_store_up "))
+                    .map(str::trim)
+                    .map(str::to_owned);
+                seen.push((ready, up));
+                tokio::time::sleep(POLL_EVERY).await;
+            }
+            seen
+        })
+    };
+
+    // Three upgrades are in flight when the path pauses: their store operations all time out
+    // at the same moment, which is one hiccup, not three failures in a row.
+    let spike_tokens: Vec<String> = (0..3)
+        .map(|i| jwt("alice", &format!("spike{i}"), json!({})))
+        .collect();
+    let logs_before = gw.logs().len();
+    proxy.set(Fault::Pause);
+    let spike_upgrades = futures_util::future::join_all(
+        spike_tokens
+            .iter()
+            .map(|t| within("an upgrade during the spike", open(&gw, t))),
+    );
+    let end_of_spike = async {
+        let failed = gw.wait_logs(failed_before + 1, op_failed).await;
+        proxy.set(Fault::Pass);
+        failed[failed_before].clone()
+    };
+    let (during, first_failure) = tokio::join!(spike_upgrades, end_of_spike);
+    assert_eq!(
+        (&first_failure["in_a_row"], &first_failure["store"]),
+        (&json!(1), &Value::Null),
+        "one timed-out operation marked the store down: {first_failure}"
+    );
+    for live in &during {
+        assert_eq!(live.session.server_name, "d0");
+    }
+
+    // After the spike, upgrades are placed through the store again.
+    let mut after = Vec::new();
+    for i in 0..3 {
+        let sid = format!("after{i}");
+        after.push(
+            within(
+                "an upgrade after the spike",
+                open(&gw, &jwt("alice", &sid, json!({}))),
+            )
+            .await,
+        );
+        let mut con = redis.client().await.expect("client");
+        let owner: Option<String> = con
+            .hget(format!("vncgate:session:{sid}"), "owner")
+            .await
+            .expect("hget");
+        assert_eq!(owner.as_deref(), Some("alice"), "{sid} pinned in the store");
+    }
+    // Their session_started lines come after anything the spike made the gateway log.
+    gw.wait_logs(7, |v| v["event"] == "session_started").await;
+    watching.store(false, std::sync::atomic::Ordering::SeqCst);
+    let seen = watcher.await.expect("watcher");
+
+    let downs: Vec<Value> = gw
+        .logs()
+        .into_iter()
+        .skip(logs_before)
+        .filter(|v| {
+            (v["event"] == "store_error"
+                && (v["store"] == "unreachable"
+                    || v["op"] == "subscribe"
+                    || v["in_a_row"].as_u64().is_some_and(|n| n > 1)))
+                || v["event"] == "store_reconnected"
+        })
+        .collect();
+    assert!(downs.is_empty(), "the store went down: {downs:?}");
+    assert!(!seen.is_empty());
+    for (ready, up) in &seen {
+        assert!(fully_ready(ready), "/readyz during the spike: {ready}");
+        assert_eq!(
+            up.as_deref(),
+            Some("1"),
+            "vncgate_store_up during the spike"
+        );
+    }
+    assert_eq!(gw.metric("vncgate_store_up").await, 1.0);
+    readyz_until(&gw, "ready", fully_ready).await;
+    assert_relays(&mut bystander, "the session from before the spike").await;
+}

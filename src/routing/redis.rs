@@ -26,7 +26,7 @@ pub mod board;
 pub mod supervise;
 pub mod topology;
 
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -46,9 +46,10 @@ use topology::Topology;
 /// A store round trip on a LAN is well under a millisecond; half a second means it is gone, and
 /// an upgrade must not wait longer than that for it.
 const OP_TIMEOUT: Duration = Duration::from_millis(500);
-/// One slow operation (a fork for a snapshot, a slow script, a GC pause in a proxy) must not
-/// switch the whole replica to degraded placement; three failures in a row with no success in
-/// between are no hiccup. The liveness pings catch a dead store without any traffic.
+/// One slow moment (a fork for a snapshot, a slow script, a GC pause in a proxy) must not
+/// switch the whole replica to degraded placement; three failures one after another with no
+/// success in between are no hiccup. Failures of operations in flight at the same moment count
+/// once ([`FailureRun`]). The liveness pings catch a dead store without any traffic.
 const OP_FAILURES_DOWN: u32 = 3;
 /// Catch-up queries go out in batches of this many keys (concurrent commands, multiplexed on
 /// the connection: pipelined on one server, spread over the nodes of a cluster), so 10,000 live
@@ -95,7 +96,7 @@ pub struct RedisStore {
     /// down and the subscriber when it comes back.
     up: watch::Sender<bool>,
     /// Operations failed in a row (any success resets it).
-    failures: AtomicU32,
+    failures: std::sync::Mutex<FailureRun>,
     /// Whether the `{prefix}events` subscription is live and answering its pings.
     subscribed: AtomicBool,
     /// The command connection was replaced without the store being marked down (the liveness
@@ -126,7 +127,7 @@ impl RedisStore {
             conn: Mutex::new(None),
             prefix: prefix.to_owned(),
             up: watch::Sender::new(false),
-            failures: AtomicU32::new(0),
+            failures: std::sync::Mutex::default(),
             subscribed: AtomicBool::new(false),
             replaced: Notify::new(),
             master_ok: AtomicBool::new(false),
@@ -182,14 +183,14 @@ impl RedisStore {
     }
 
     fn mark_up(&self) {
-        self.failures.store(0, Ordering::SeqCst);
+        self.reset_failures();
         self.metrics.store_up.set(1);
         self.up.send_replace(true);
     }
 
     /// The store is gone: fail fast from now on and wake the supervisor. Logged once per outage.
     fn mark_down(&self, op: &str, error: &StoreError) {
-        self.failures.store(0, Ordering::SeqCst);
+        self.reset_failures();
         self.set_master_ok(false);
         if self.up.send_replace(false) {
             self.metrics.store_up.set(0);
@@ -201,6 +202,12 @@ impl RedisStore {
     fn set_subscribed(&self, subscribed: bool) {
         self.subscribed.store(subscribed, Ordering::SeqCst);
         self.metrics.store_subscriber_up.set(i64::from(subscribed));
+    }
+
+    fn reset_failures(&self) {
+        if let Ok(mut run) = self.failures.lock() {
+            *run = FailureRun::default();
+        }
     }
 
     fn count_error(&self, op: &str) {
@@ -234,7 +241,7 @@ impl RedisStore {
             .observe(started.elapsed().as_secs_f64());
         let error = match result {
             Ok(Ok(v)) => {
-                self.failures.store(0, Ordering::SeqCst);
+                self.reset_failures();
                 return Ok(v);
             }
             // READONLY from the sentinels' master: it is a replica now (a failover demoted it,
@@ -252,7 +259,9 @@ impl RedisStore {
             Err(_) => StoreError::Timeout,
         };
         self.count_error(name);
-        let in_a_row = self.failures.fetch_add(1, Ordering::SeqCst) + 1;
+        let in_a_row = self.failures.lock().map_or(OP_FAILURES_DOWN, |mut run| {
+            run.failed(started, Instant::now())
+        });
         if in_a_row >= OP_FAILURES_DOWN {
             self.mark_down(name, &error);
         } else {
@@ -268,6 +277,28 @@ impl RedisStore {
         // The session refreshes its pin to the idle TTL within a third of it; a day is only the
         // bound if that never happens.
         SessionStore::claim(self, sid, pin.clone(), Duration::from_secs(86400)).await
+    }
+}
+
+/// Failed operations in a row, one per moment. A pause of the store (or of the path to it)
+/// fails every operation in flight at once: counted one by one, three concurrent upgrades
+/// during a single 600 ms hiccup marked the whole replica down. A failure counts only when its
+/// operation started after the last counted failure was seen, that is when it tried again
+/// after the store had already failed, which is what "down" means.
+#[derive(Debug, Default)]
+struct FailureRun {
+    in_a_row: u32,
+    last_counted: Option<Instant>,
+}
+
+impl FailureRun {
+    /// An operation that started at `started` failed at `now`; returns the failures in a row.
+    fn failed(&mut self, started: Instant, now: Instant) -> u32 {
+        if self.last_counted.is_none_or(|last| started >= last) {
+            self.in_a_row += 1;
+            self.last_counted = Some(now);
+        }
+        self.in_a_row
     }
 }
 
@@ -478,5 +509,33 @@ impl SessionStore for RedisStore {
 
     fn events_up(&self) -> bool {
         self.subscribed.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operations_failing_at_the_same_moment_count_once() {
+        let t0 = Instant::now();
+        let mut run = FailureRun::default();
+        let pause_seen = t0 + OP_TIMEOUT;
+        // Three operations in flight when the store paused, all timing out together.
+        assert_eq!(run.failed(t0, pause_seen), 1);
+        assert_eq!(run.failed(t0, pause_seen), 1);
+        assert_eq!(run.failed(t0 + Duration::from_millis(1), pause_seen), 1);
+    }
+
+    #[test]
+    fn operations_failing_one_after_another_count_each() {
+        let t0 = Instant::now();
+        let mut run = FailureRun::default();
+        let mut at = t0;
+        for want in 1..=OP_FAILURES_DOWN {
+            let failed = at + OP_TIMEOUT;
+            assert_eq!(run.failed(at, failed), want);
+            at = failed + Duration::from_millis(1);
+        }
     }
 }
