@@ -7,7 +7,10 @@
 //!   desktop at once, which TigerVNC's blacklist must not turn into refusals.
 //! - Backend faults through a fault-injecting TCP proxy (`common::fault_proxy`) between the
 //!   gateway and one desktop: an orderly drop, a reset, a half-open path and a latency spike,
-//!   each while a second session on another desktop keeps working.
+//!   each while a second session on another desktop keeps working; and a path gone really
+//!   silent (a veth in a network namespace whose frames are dropped: no FIN, no RST, no ICMP),
+//!   which the proxy cannot produce since it keeps its own TCP connection alive: the session on
+//!   it closes 1013 by itself (keep-alive and `TCP_USER_TIMEOUT` on backend sockets).
 //! - Property tests: arbitrary request heads (parsed by Pingora, as the gateway does) and header
 //!   sets never panic the WebSocket handshake checks or the token extraction, and what they
 //!   accept obeys the contract.
@@ -630,10 +633,12 @@ async fn next_message(ws: &mut WsClient) -> Option<Result<Message, String>> {
 /// The path to one desktop goes half-open: no byte either way, no FIN, no RST, on the live
 /// connection and on every new one. What the gateway does:
 ///
-/// - the live session is not ended: the gateway has no liveness check towards the backend
-///   (pings and the dead-peer timer only watch the browser, which answers), so it stays open,
-///   frozen, through many ping intervals and beyond the backend being marked down; a kick
-///   still closes it (4003), so it is not wedged, but nothing closes it by itself;
+/// - the live session is not ended: the proxy keeps its own TCP connection to the gateway
+///   alive (it acknowledges every byte), so the kernel's dead-peer detection on the backend
+///   socket has nothing to notice and RFB has no keep-alive of its own; the session stays open,
+///   frozen, through many ping intervals and beyond the backend being marked down; a kick still
+///   closes it (4003), so it is not wedged. A path that really goes silent is closed by the
+///   kernel's timers: `a_backend_path_gone_silent_closes_1013_by_itself_and_spares_other_sessions`;
 /// - a new upgrade to that desktop during the window gets a 502 once the gateway's RFB
 ///   handshake timeout runs out (bounded, not hung);
 /// - the RFB health check times out too, and after two failed checks the backend is marked
@@ -1067,4 +1072,89 @@ mod properties {
             check(&method, &uri, version, &headers)?;
         }
     }
+}
+
+/// How long the session on a silent path may take to end before the test calls it a hang: the
+/// gateway's dead-peer timer gives up after 30 s (`TCP_USER_TIMEOUT`, keep-alive 15 s + 3 x 5 s).
+/// A guard, not a timing assertion.
+const SILENT_PATH_DEADLINE: Duration = Duration::from_secs(120);
+
+/// The path to one desktop goes half-open for real: the gateway's backend connection crosses a
+/// veth into a network namespace (`common::netns`), and the path starts dropping every packet
+/// both ways, with no FIN, no RST and no ICMP, while every socket stays open. Unlike the fault
+/// proxy's `Blackhole`, the gateway's own TCP stack is left with a request nobody acknowledges:
+/// its dead-peer detection on backend sockets (`TCP_USER_TIMEOUT`, keep-alive) fails the
+/// backend read and the session ends by itself with 1013 "backend connection lost; try again",
+/// never a hang, while the session on the other desktop keeps relaying. Needs root (a network
+/// namespace and a veth pair).
+#[tokio::test]
+async fn a_backend_path_gone_silent_closes_1013_by_itself_and_spares_other_sessions() {
+    use common::netns::{Forwarder, NetNs};
+
+    let ns = NetNs::create();
+    let (faulty, healthy) = tokio::join!(desktop("faulty"), desktop("healthy"));
+    faulty.set_root_color(&hex(FAULTY_RGB)).expect("xsetroot");
+    healthy.set_root_color(&hex(HEALTHY_RGB)).expect("xsetroot");
+    let forwarder = Forwarder::start(&ns, faulty.rfb_addr()).await;
+    let gw = Gateway::start(config(vec![
+        BackendSpec::rfb("faulty", forwarder.addr()),
+        BackendSpec::rfb("healthy", healthy.rfb_addr()),
+    ]))
+    .await;
+    let mut on_faulty = open_on(&gw, "alice", "a", "faulty", FAULTY_RGB).await;
+    let mut on_healthy = open_on(&gw, "bob", "b", "healthy", HEALTHY_RGB).await;
+    // Both ways through the namespace before the cut.
+    relay_payload(&mut on_faulty, &faulty, FAULTY_RGB, (12, 34)).await;
+
+    ns.cut();
+    let cut = Instant::now();
+    // A FramebufferUpdateRequest for the whole screen: data the backend never acknowledges.
+    let mut request = vec![3u8, 0, 0, 0, 0, 0];
+    request.extend_from_slice(&GEOMETRY.0.to_be_bytes());
+    request.extend_from_slice(&GEOMETRY.1.to_be_bytes());
+    on_faulty
+        .ws
+        .send(Message::binary(request))
+        .await
+        .expect("request");
+
+    // Nothing but awaiting the close frame; the healthy session is read meanwhile (its pings
+    // answered) and must get nothing.
+    let closed = tokio::select! {
+        closed = tokio::time::timeout(SILENT_PATH_DEADLINE, rfb_client::read_close(&mut on_faulty.ws)) => {
+            closed.unwrap_or_else(|_| {
+                panic!("the session on the silent path was still open after {SILENT_PATH_DEADLINE:?}")
+            })
+        }
+        m = next_message(&mut on_healthy.ws) => panic!("the healthy session got {m:?}"),
+    }
+    .expect("a close frame");
+    let took = cut.elapsed();
+    let ended = gw
+        .wait_log(|v| v["event"] == "session_ended" && v["backend"] == "faulty")
+        .await;
+    let marked_down = gw.logs().into_iter().find(|v| {
+        v["event"] == "backend_health_changed" && v["backend"] == "faulty" && v["up"] == false
+    });
+    eprintln!(
+        "reliability: real half-open backend: {} {:?} after {:.1} s\n\
+         reliability: {ended}\nreliability: marked down meanwhile: {marked_down:?}",
+        u16::from(closed.code),
+        closed.reason.as_str(),
+        took.as_secs_f64(),
+    );
+    assert_eq!(u16::from(closed.code), 1013, "{closed:?}");
+    assert_eq!(closed.reason.as_str(), "backend connection lost; try again");
+    assert_eq!(ended["close_code"], 1013, "{ended}");
+    assert_eq!(ended["closed_by"], "gateway", "{ended}");
+
+    // The other session is undisturbed and still relays both ways.
+    relay_payload(&mut on_healthy, &healthy, HEALTHY_RGB, (61, 41)).await;
+    assert_eq!(gw.metric(ACTIVE).await, 1.0);
+    assert!(
+        gw.logs()
+            .iter()
+            .all(|v| !(v["event"] == "session_ended" && v["backend"] == "healthy")),
+        "the healthy session ended"
+    );
 }

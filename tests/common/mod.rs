@@ -8,6 +8,7 @@ pub mod desktop;
 pub mod fault_proxy;
 pub mod jwks_server;
 pub mod log_tail;
+pub mod netns;
 pub mod redis_server;
 pub mod redis_topology;
 pub mod rfb_client;
