@@ -571,3 +571,77 @@ async fn export_paints_the_last_frame_in_the_clients_pixel_format() {
     assert_eq!(code, 1);
     assert!(err.contains("not an FBS 001.000 file"), "{err}");
 }
+
+/// A sink that notes every durability call in order.
+struct JournalingSink(Arc<Mutex<Vec<String>>>);
+
+struct JournaledFile {
+    name: String,
+    inner: Box<dyn SinkFile>,
+    journal: Arc<Mutex<Vec<String>>>,
+}
+
+impl Sink for JournalingSink {
+    fn create(&self, path: &Path) -> io::Result<Box<dyn SinkFile>> {
+        let name = path
+            .extension()
+            .map(|e| e.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        self.0
+            .lock()
+            .expect("journal")
+            .push(format!("create {name}"));
+        Ok(Box::new(JournaledFile {
+            name,
+            inner: FileSink.create(path)?,
+            journal: self.0.clone(),
+        }))
+    }
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned());
+        self.0
+            .lock()
+            .expect("journal")
+            .push(format!("sync dir {}", name.unwrap_or_default()));
+        FileSink.sync_dir(dir)
+    }
+}
+
+impl SinkFile for JournaledFile {
+    fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        self.inner.write_all(data)
+    }
+    fn sync(&mut self) -> io::Result<()> {
+        self.journal
+            .lock()
+            .expect("journal")
+            .push(format!("sync {}", self.name));
+        self.inner.sync()
+    }
+}
+
+/// A closed recording is durable under its name: both files are fsynced, then their directory
+/// once (the names), in that order; nothing is synced before the close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_recording_syncs_its_files_then_their_directory_once() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let journal = Arc::new(Mutex::new(Vec::new()));
+    let recorder = Recorder::new(settings(root.path()), metrics())
+        .with_sink(Arc::new(JournalingSink(journal.clone())));
+    let rec = start(&recorder, "durable");
+    rec.server_data(&[1u8; 100]);
+    rec.event(json!({"event": "pointer", "x": 1, "y": 2, "buttons": 1}));
+    rec.finish("closed");
+    let outcome = rec.ended().await;
+    assert_eq!(outcome.error, None);
+    assert_eq!(
+        *journal.lock().expect("journal"),
+        [
+            "create fbs",
+            "create jsonl",
+            "sync fbs",
+            "sync jsonl",
+            "sync dir durable"
+        ]
+    );
+}
