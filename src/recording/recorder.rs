@@ -74,7 +74,8 @@ impl Sink for FileSink {
     /// A file's fsync does not make its directory entry durable; this does, so a crash cannot
     /// leave synced data under no name. Once per recording, for both files, at close (it was
     /// once per file at creation: 4 fsyncs per recording, now 3). The session directory's own
-    /// entry is committed by the same journal commit on ext4 and XFS, which order metadata.
+    /// entry in the day directory is not synced separately: on a journaling file system (ext4,
+    /// XFS) the commit this fsync forces carries the earlier mkdir too.
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         std::fs::File::open(dir)?.sync_all()
     }
