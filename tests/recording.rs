@@ -43,6 +43,11 @@ fn start(recorder: &Recorder, sid: &str) -> RecordingHandle {
         .expect("recording on")
 }
 
+/// Server bytes as the relay hands them over (a chunk of its read buffer).
+fn chunk_of(data: &[u8]) -> bytes::Bytes {
+    bytes::Bytes::copy_from_slice(data)
+}
+
 fn audit(outcome: &Outcome) -> Vec<Value> {
     let text = std::fs::read_to_string(outcome.fbs_path.with_extension("jsonl")).expect("jsonl");
     text.lines()
@@ -80,9 +85,9 @@ async fn a_session_is_recorded_to_fbs_and_audit_and_verifies() {
     assert!(recorder.should_record(true));
     assert!(!recorder.should_record(false));
     let rec = start(&recorder, "alice-desk");
-    rec.server_data(b"\x00\x00\x00\x01abc");
+    rec.server_data(&chunk_of(b"\x00\x00\x00\x01abc"));
     rec.event(json!({"event": "pointer", "x": 10, "y": 20, "buttons": 1}));
-    rec.server_data(&[9u8; 10_000]);
+    rec.server_data(&chunk_of(&[9u8; 10_000]));
     rec.event(json!({"event": "input_mode_changed", "mode": "view_only", "t": 5}));
     rec.finish("closed");
     rec.finish("twice");
@@ -153,7 +158,7 @@ async fn a_session_is_recorded_to_fbs_and_audit_and_verifies() {
     assert!(stdout.contains("incomplete: no"), "{stdout}");
 
     // Handle calls after the end do nothing and return.
-    rec.server_data(b"late");
+    rec.server_data(&chunk_of(b"late"));
     rec.event(json!({"event": "late"}));
     assert_eq!(audit(&outcome).len(), 4);
 }
@@ -163,7 +168,7 @@ async fn verify_rejects_a_corrupt_file_and_reports_a_cut_one() {
     let root = tempfile::tempdir().expect("tempdir");
     let recorder = Recorder::new(settings(root.path()), metrics());
     let rec = start(&recorder, "s");
-    rec.server_data(&[1u8; 1000]);
+    rec.server_data(&chunk_of(&[1u8; 1000]));
     rec.finish("closed");
     let path = rec.ended().await.fbs_path;
     let good = std::fs::read(&path).expect("read");
@@ -257,7 +262,7 @@ async fn a_stalled_disk_drops_counts_and_marks_incomplete_without_blocking_the_c
     let chunk = vec![0x5Au8; 64 * 1024];
     let total: u64 = 1600 * chunk.len() as u64;
     for i in 0..1600 {
-        rec.server_data(&chunk);
+        rec.server_data(&chunk_of(&chunk));
         if i == 800 {
             rec.event(json!({"event": "pointer", "x": 1, "y": 2, "buttons": 1}));
         }
@@ -349,8 +354,8 @@ async fn a_full_disk_ends_the_recording_and_the_caller_goes_on() {
     let recorder = Recorder::new(settings(root.path()), m.clone())
         .with_sink(Arc::new(FullDisk { budget: 4096 }));
     let rec = start(&recorder, "full");
-    rec.server_data(&[1u8; 1000]);
-    rec.server_data(&[2u8; 8000]);
+    rec.server_data(&chunk_of(&[1u8; 1000]));
+    rec.server_data(&chunk_of(&[2u8; 8000]));
     let outcome = rec.ended().await;
     assert_eq!(outcome.reason, "error");
     assert!(outcome.incomplete);
@@ -360,7 +365,7 @@ async fn a_full_disk_ends_the_recording_and_the_caller_goes_on() {
     assert_eq!(m.active.get(), 0);
     // The handle keeps answering: nothing is written and nothing fails.
     for _ in 0..1000 {
-        rec.server_data(&[3u8; 10_000]);
+        rec.server_data(&chunk_of(&[3u8; 10_000]));
         rec.event(json!({"event": "pointer"}));
     }
     rec.finish("closed");
@@ -391,12 +396,12 @@ async fn an_unwritable_directory_ends_the_recording_with_its_error() {
     let m = metrics();
     let recorder = Recorder::new(settings(&not_a_dir), m.clone());
     let rec = start(&recorder, "s");
-    rec.server_data(&[1u8; 100]);
+    rec.server_data(&chunk_of(&[1u8; 100]));
     rec.event(json!({"event": "pointer"}));
     let outcome = rec.ended().await;
     assert_eq!(outcome.reason, "error");
     assert!(outcome.error.expect("error").contains("Not a directory"));
-    rec.server_data(&[1u8; 100]);
+    rec.server_data(&chunk_of(&[1u8; 100]));
     rec.finish("closed");
     assert_eq!(m.active.get(), 0);
     assert_eq!(m.bytes_total.get(), 0);
@@ -411,7 +416,7 @@ async fn max_bytes_per_session_ends_the_stream_not_the_audit() {
     let recorder = Recorder::new(s, m.clone());
     let rec = start(&recorder, "capped");
     for _ in 0..10 {
-        rec.server_data(&[7u8; 1000]);
+        rec.server_data(&chunk_of(&[7u8; 1000]));
     }
     rec.event(json!({"event": "pointer", "x": 3, "y": 4, "buttons": 1}));
     rec.finish("kicked");
@@ -447,7 +452,7 @@ async fn dropping_every_handle_closes_the_recording() {
     let recorder = Recorder::new(settings(root.path()), metrics());
     let rec = start(&recorder, "..");
     let watcher = rec.clone();
-    rec.server_data(b"abcd");
+    rec.server_data(&chunk_of(b"abcd"));
     drop(rec);
     // `watcher` still holds a sender: the recording stays open until it finishes or drops.
     watcher.finish("closed");
@@ -539,7 +544,7 @@ async fn export_paints_the_last_frame_in_the_clients_pixel_format() {
     rec.client_pixel_format(vncgate::rfb::PixelFormat([
         32, 24, 0, 1, 0, 255, 0, 255, 0, 255, 0, 8, 16, 0, 0, 0,
     ]));
-    rec.server_data(&raw_update(800, 600, [200, 10, 20, 0]));
+    rec.server_data(&chunk_of(&raw_update(800, 600, [200, 10, 20, 0])));
     let outcome = {
         rec.finish("closed");
         rec.ended().await
@@ -629,7 +634,7 @@ async fn a_closed_recording_syncs_its_files_then_their_directory_once() {
     let recorder = Recorder::new(settings(root.path()), metrics())
         .with_sink(Arc::new(JournalingSink(journal.clone())));
     let rec = start(&recorder, "durable");
-    rec.server_data(&[1u8; 100]);
+    rec.server_data(&chunk_of(&[1u8; 100]));
     rec.event(json!({"event": "pointer", "x": 1, "y": 2, "buttons": 1}));
     rec.finish("closed");
     let outcome = rec.ended().await;

@@ -31,6 +31,62 @@ pub fn encode_block(out: &mut Vec<u8>, data: &[u8], ms: u32) {
     out.extend_from_slice(&ms.to_be_bytes());
 }
 
+/// A batch of FBS blocks on its way to the disk, without copying large chunks: a block's data
+/// of at least [`SHARED_DATA_BYTES`] stays in the relay's own buffer (a shared [`Bytes`]) and
+/// goes to the file by `writev`; framing and small blocks are copied into runs between them.
+/// Every recorded byte used to be copied twice more in user space (the relay's chunk into the
+/// queue, then into the batch): eight recorded bulk sessions cost 1.34 gateway core-seconds
+/// per GB against 0.80 unrecorded. Without the two copies they moved 1,074 MB/s against 927
+/// (medians of 6 interleaved runs over wss://, release build; noisy: page-cache writeback).
+#[derive(Default)]
+pub struct BlockBatch {
+    parts: Vec<bytes::Bytes>,
+    run: Vec<u8>,
+    len: usize,
+}
+
+/// Data at least this large is written from the relay's buffer; below it a copy costs less
+/// than an `iovec` and keeps a batch of small updates to a few of them.
+pub const SHARED_DATA_BYTES: usize = 4096;
+
+impl BlockBatch {
+    /// Frame `data` (seen at `ms`) as one block.
+    pub fn push(&mut self, data: bytes::Bytes, ms: u32) {
+        if data.len() < SHARED_DATA_BYTES || u32::try_from(data.len()).is_err() {
+            let before = self.run.len();
+            encode_block(&mut self.run, &data, ms);
+            self.len += self.run.len() - before;
+            return;
+        }
+        let len = data.len();
+        self.run.extend_from_slice(&(len as u32).to_be_bytes());
+        self.parts
+            .push(bytes::Bytes::from(std::mem::take(&mut self.run)));
+        self.parts.push(data);
+        self.run.resize(padding(len), 0);
+        self.run.extend_from_slice(&ms.to_be_bytes());
+        self.len += 4 + len + padding(len) + 4;
+    }
+
+    /// Bytes framed so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The framed bytes, in order, as slices for one vectored write.
+    pub fn into_parts(mut self) -> Vec<bytes::Bytes> {
+        if !self.run.is_empty() {
+            self.parts.push(bytes::Bytes::from(self.run));
+        }
+        self.parts.retain(|p| !p.is_empty());
+        self.parts
+    }
+}
+
 fn padding(len: usize) -> usize {
     (4 - len % 4) % 4
 }
@@ -271,6 +327,26 @@ pub fn handshake(prefix: &[u8]) -> Result<Option<(ServerInitInfo, usize)>, FbsEr
 
 #[cfg(test)]
 mod tests {
+    proptest::proptest! {
+        /// A batch written from its parts is byte for byte the blocks framed one by one,
+        /// whatever mix of small (copied) and large (shared) chunks it holds.
+        #[test]
+        fn a_batch_writes_exactly_the_framed_blocks(
+            sizes in proptest::collection::vec(0usize..20_000, 0..12),
+        ) {
+            let mut batch = super::BlockBatch::default();
+            let mut want = Vec::new();
+            for (i, n) in sizes.iter().enumerate() {
+                let data: Vec<u8> = (0..*n).map(|j| (i * 31 + j) as u8).collect();
+                super::encode_block(&mut want, &data, i as u32);
+                batch.push(bytes::Bytes::from(data), i as u32);
+            }
+            proptest::prop_assert_eq!(batch.len(), want.len());
+            let written: Vec<u8> = batch.into_parts().concat();
+            proptest::prop_assert_eq!(written, want);
+        }
+    }
+
     use super::*;
 
     pub(crate) fn server_init(width: u16, height: u16, name: &str) -> Vec<u8> {

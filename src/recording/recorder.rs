@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 
@@ -35,6 +36,10 @@ const BATCH_BYTES: usize = 1024 * 1024;
 /// failing ones to produce what a real disk cannot produce on demand.
 pub trait SinkFile: Send + 'static {
     fn write_all(&mut self, data: &[u8]) -> io::Result<()>;
+    /// Write `parts` one after another, as one vectored write where the file supports it.
+    fn write_all_parts(&mut self, parts: &[Bytes]) -> io::Result<()> {
+        parts.iter().try_for_each(|p| self.write_all(p))
+    }
     /// Make what was written durable (fsync), called once when the recording closes.
     fn sync(&mut self) -> io::Result<()>;
     /// An error when `path` no longer names this file. Writes to a file whose directory was
@@ -84,6 +89,23 @@ impl Sink for FileSink {
 impl SinkFile for std::fs::File {
     fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
         io::Write::write_all(self, data)
+    }
+    fn write_all_parts(&mut self, parts: &[Bytes]) -> io::Result<()> {
+        // At most IOV_MAX (1024 on Linux) slices per writev; a batch is ~2 per large chunk.
+        for group in parts.chunks(1024) {
+            let mut slices: Vec<io::IoSlice<'_>> =
+                group.iter().map(|p| io::IoSlice::new(p)).collect();
+            let mut rest = &mut slices[..];
+            while !rest.is_empty() {
+                match io::Write::write_vectored(self, rest) {
+                    Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                    Ok(n) => io::IoSlice::advance_slices(&mut rest, n),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
     }
     fn sync(&mut self) -> io::Result<()> {
         self.sync_all()
@@ -292,8 +314,8 @@ impl Shared {
 }
 
 enum Msg {
-    /// Server bytes and when they were seen.
-    Data(Vec<u8>, u32),
+    /// Server bytes (the relay's own chunk, shared, not copied) and when they were seen.
+    Data(Bytes, u32),
     /// One audit line (with its newline); `budgeted` when it took queue budget.
     Line(Vec<u8>, bool),
     /// The client's SetPixelFormat, on its way to the server.
@@ -331,8 +353,9 @@ pub struct RecordingHandle {
 }
 
 impl RecordingHandle {
-    /// Server->client bytes exactly as the browser is sent them (after the ServerInit).
-    pub fn server_data(&self, data: &[u8]) {
+    /// Server->client bytes exactly as the browser is sent them (after the ServerInit). The
+    /// chunk is shared with the relay, not copied: the queue's budget bounds what it keeps.
+    pub fn server_data(&self, data: &Bytes) {
         let s = &self.shared;
         if data.is_empty() || s.closed.load(Ordering::Acquire) {
             return;
@@ -377,7 +400,7 @@ impl RecordingHandle {
         s.accepted.fetch_add(len as u64, Ordering::AcqRel);
         if self
             .tx
-            .send(Msg::Data(data.to_vec(), s.elapsed_ms()))
+            .send(Msg::Data(data.clone(), s.elapsed_ms()))
             .is_err()
         {
             // The writer is gone (it ended on an error): nothing more to do.
@@ -513,7 +536,7 @@ fn open_files(
 struct Batch {
     /// The FBS prologue (handshake and ServerInit), with the first server bytes or at the end.
     handshake: Option<Vec<u8>>,
-    fbs: Vec<u8>,
+    fbs: fbs::BlockBatch,
     audit: Vec<u8>,
     /// The audit's last line: this batch closes the recording (and fsyncs it).
     last: Option<Vec<u8>>,
@@ -546,7 +569,7 @@ impl Writer {
         loop {
             let mut batch = Batch {
                 handshake: None,
-                fbs: Vec::new(),
+                fbs: fbs::BlockBatch::default(),
                 audit: Vec::new(),
                 last: None,
             };
@@ -564,7 +587,7 @@ impl Writer {
                     Msg::Data(data, ms) => {
                         released += data.len();
                         data_bytes += data.len() as u64;
-                        fbs::encode_block(&mut batch.fbs, &data, ms);
+                        batch.fbs.push(data, ms);
                     }
                     Msg::Line(bytes, budgeted) => {
                         if budgeted {
@@ -764,7 +787,7 @@ fn write_out(
     if let Some(handshake) = &batch.handshake {
         files.0.write_all(handshake)?;
     }
-    write_batch(files, &batch.fbs, &batch.audit)?;
+    write_batch(files, batch.fbs, &batch.audit)?;
     match &batch.last {
         None => files.0.still_named(fbs_path),
         Some(last) => {
@@ -779,9 +802,9 @@ fn write_out(
     }
 }
 
-fn write_batch(files: &mut Files, fbs: &[u8], audit: &[u8]) -> io::Result<()> {
+fn write_batch(files: &mut Files, fbs: fbs::BlockBatch, audit: &[u8]) -> io::Result<()> {
     if !fbs.is_empty() {
-        files.0.write_all(fbs)?;
+        files.0.write_all_parts(&fbs.into_parts())?;
     }
     if !audit.is_empty() {
         files.1.write_all(audit)?;
