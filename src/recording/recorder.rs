@@ -226,6 +226,20 @@ impl Recorder {
     }
 }
 
+/// Chunks at least this large are queued as the relay's own buffer; smaller ones are copied.
+/// A shared chunk keeps its whole allocation alive (the relay reads into buffers of up to
+/// 64 KiB and an idle session's reads get a fresh 4 KiB one each), while the queue's budget
+/// counts only the chunk's bytes: sharing a 10-byte cursor update would pin 4 KiB for it. From
+/// 32 KiB on, what the queue pins is at most twice its budget.
+const SHARED_CHUNK_BYTES: usize = 32 * 1024;
+
+fn share_or_copy(data: &Bytes) -> Bytes {
+    match data.len() >= SHARED_CHUNK_BYTES {
+        true => data.clone(),
+        false => Bytes::copy_from_slice(data),
+    }
+}
+
 /// `YYYY-MM-DD` (UTC) of a unix time.
 pub(crate) fn day_name(unix_secs: u64) -> String {
     let secs = i64::try_from(unix_secs).unwrap_or(0);
@@ -314,7 +328,8 @@ impl Shared {
 }
 
 enum Msg {
-    /// Server bytes (the relay's own chunk, shared, not copied) and when they were seen.
+    /// Server bytes (a large chunk shared with the relay, a small one copied) and when they
+    /// were seen.
     Data(Bytes, u32),
     /// One audit line (with its newline); `budgeted` when it took queue budget.
     Line(Vec<u8>, bool),
@@ -353,8 +368,8 @@ pub struct RecordingHandle {
 }
 
 impl RecordingHandle {
-    /// Server->client bytes exactly as the browser is sent them (after the ServerInit). The
-    /// chunk is shared with the relay, not copied: the queue's budget bounds what it keeps.
+    /// Server->client bytes exactly as the browser is sent them (after the ServerInit). Large
+    /// chunks are shared with the relay, not copied ([`SHARED_CHUNK_BYTES`]).
     pub fn server_data(&self, data: &Bytes) {
         let s = &self.shared;
         if data.is_empty() || s.closed.load(Ordering::Acquire) {
@@ -400,7 +415,7 @@ impl RecordingHandle {
         s.accepted.fetch_add(len as u64, Ordering::AcqRel);
         if self
             .tx
-            .send(Msg::Data(data.clone(), s.elapsed_ms()))
+            .send(Msg::Data(share_or_copy(data), s.elapsed_ms()))
             .is_err()
         {
             // The writer is gone (it ended on an error): nothing more to do.
@@ -829,6 +844,20 @@ mod tests {
             assert_eq!(p.parent(), Some(Path::new("/rec")), "{sid}");
             assert_eq!(p.components().count(), 3, "{sid}");
         }
+    }
+
+    #[test]
+    fn only_large_chunks_are_shared_with_the_relay() {
+        let buffer = Bytes::from(vec![7u8; 64 * 1024]);
+        let small = buffer.slice(0..10);
+        let large = buffer.slice(0..SHARED_CHUNK_BYTES);
+        assert_ne!(
+            share_or_copy(&small).as_ptr(),
+            buffer.as_ptr(),
+            "a small chunk pins it"
+        );
+        assert_eq!(share_or_copy(&large).as_ptr(), buffer.as_ptr());
+        assert_eq!(share_or_copy(&small), small);
     }
 
     #[test]
