@@ -98,19 +98,43 @@ async fn close_code(live: &mut Live) -> u16 {
     u16::from(close.code)
 }
 
-/// A half-open path to Redis (no FIN, no RST, nothing answers) is noticed by the liveness pings
-/// alone: no upgrade, no admin call touches the store. When the path heals, everything is up
-/// again.
-#[tokio::test]
-async fn a_blackholed_redis_path_is_noticed_without_traffic() {
+/// A gateway whose Redis path runs through a fault proxy, started and fully ready (subscribed,
+/// store and subscriber up).
+struct ProxiedStore {
+    redis: RedisServer,
+    proxy: FaultProxy,
+    desks: Vec<RfbServer>,
+    gw: Gateway,
+}
+
+async fn proxied_store(n_desks: usize) -> ProxiedStore {
     let redis = RedisServer::start().await.expect("redis");
     let proxy = FaultProxy::start(redis_addr(&redis)).await.expect("proxy");
-    let desks = desks(1).await;
+    let desks = desks(n_desks).await;
     let gw = Gateway::start(config(&desks, url_via(&proxy))).await;
     gw.wait_log(|v| v["event"] == "store_subscribed").await;
     readyz_until(&gw, "ready", fully_ready).await;
     assert_eq!(gw.metric("vncgate_store_up").await, 1.0);
     assert_eq!(gw.metric("vncgate_store_subscriber_up").await, 1.0);
+    ProxiedStore {
+        redis,
+        proxy,
+        desks,
+        gw,
+    }
+}
+
+/// A half-open path to Redis (no FIN, no RST, nothing answers) is noticed by the liveness pings
+/// alone: no upgrade, no admin call touches the store. When the path heals, everything is up
+/// again.
+#[tokio::test]
+async fn a_blackholed_redis_path_is_noticed_without_traffic() {
+    let ProxiedStore {
+        redis: _redis,
+        proxy,
+        desks: _desks,
+        gw,
+    } = proxied_store(1).await;
 
     proxy.set(Fault::Blackhole);
     let ready = readyz_until(&gw, "degraded with the subscriber down", |r| {
@@ -485,12 +509,12 @@ async fn live_session_ids(gw: &Gateway) -> Vec<String> {
 /// heals, the store is up again, the pins of the sessions opened meanwhile are written back,
 /// and the live sessions still relay.
 async fn a_broken_redis_path_degrades_then_recovers(fault: Fault) {
-    let redis = RedisServer::start().await.expect("redis");
-    let proxy = FaultProxy::start(redis_addr(&redis)).await.expect("proxy");
-    let desks = desks(2).await;
-    let gw = Gateway::start(config(&desks, url_via(&proxy))).await;
-    gw.wait_log(|v| v["event"] == "store_subscribed").await;
-    readyz_until(&gw, "ready", fully_ready).await;
+    let ProxiedStore {
+        redis,
+        proxy,
+        desks: _desks,
+        gw,
+    } = proxied_store(2).await;
 
     // Alice's session sits on the desk the rendezvous hash does NOT pick for her sid, so only
     // her pin can send her back there while the store is away.
@@ -610,22 +634,22 @@ fn op_failed(v: &Value) -> bool {
     v["event"] == "store_error" && (v.get("in_a_row").is_some() || v["store"] == "unreachable")
 }
 
-/// One reply from Redis comes later than the operation timeout: the path pauses (nothing is
-/// lost, everything held arrives once it resumes) while an upgrade asks the store, and resumes
-/// as soon as the gateway has given up on one operation. That is one slow operation, not an
-/// outage: the store is not marked down (no `store_error` with `store: unreachable`, no
-/// reconnect, `vncgate_store_up` 1 and `/readyz` ready throughout), the upgrade made during
-/// the spike gets in, and those after it are pinned in the store again. A store marked down
-/// by a single timeout fails the first assertion after the spike.
+/// Replies from Redis come later than the operation timeout for one moment: the path pauses
+/// (nothing is lost, everything held arrives once it resumes) while three upgrades ask the
+/// store, and resumes as soon as the gateway has given up on one operation. That is one slow
+/// moment, not an outage, however many operations it catches in flight: the store is not
+/// marked down (no `store_error` with `store: unreachable` or `in_a_row` above 1, no
+/// reconnect, `vncgate_store_up` 1 and `/readyz` ready throughout), the upgrades made during
+/// the spike get in, and those after it are pinned in the store again. Counting the three
+/// concurrent timeouts as three failures in a row (the old accounting) fails it.
 #[tokio::test]
 async fn one_slow_redis_reply_does_not_mark_the_store_down() {
-    let redis = RedisServer::start().await.expect("redis");
-    let proxy = FaultProxy::start(redis_addr(&redis)).await.expect("proxy");
-    let desks = desks(1).await;
-    let gw = Gateway::start(config(&desks, url_via(&proxy))).await;
-    gw.wait_log(|v| v["event"] == "store_subscribed").await;
-    readyz_until(&gw, "ready", fully_ready).await;
-    assert_eq!(gw.metric("vncgate_store_up").await, 1.0);
+    let ProxiedStore {
+        redis,
+        proxy,
+        desks: _desks,
+        gw,
+    } = proxied_store(1).await;
     let mut bystander = open(&gw, &jwt("bystander", "calm", json!({}))).await;
     let failed_before = gw.logs().iter().filter(|v| op_failed(v)).count();
 
