@@ -619,6 +619,17 @@ async fn a_latency_spike_slows_a_session_without_breaking_it() {
     );
 }
 
+/// Send a non-incremental FramebufferUpdateRequest for the whole screen.
+async fn request_whole_screen(live: &mut Live) {
+    let mut request = vec![3u8, 0, 0, 0, 0, 0];
+    request.extend_from_slice(&GEOMETRY.0.to_be_bytes());
+    request.extend_from_slice(&GEOMETRY.1.to_be_bytes());
+    live.ws
+        .send(Message::binary(request))
+        .await
+        .expect("request");
+}
+
 /// The next message other than a ping or pong on a session that must stay quiet and open;
 /// reading answers the gateway's pings.
 async fn next_message(ws: &mut WsClient) -> Option<Result<Message, String>> {
@@ -660,15 +671,8 @@ async fn a_half_open_backend_is_marked_down_and_refused_while_others_work() {
     )
     .await;
     proxy.set(Fault::Blackhole);
-    // A FramebufferUpdateRequest for the whole screen, which can never be answered now.
-    let mut request = vec![3u8, 0, 0, 0, 0, 0];
-    request.extend_from_slice(&GEOMETRY.0.to_be_bytes());
-    request.extend_from_slice(&GEOMETRY.1.to_be_bytes());
-    on_faulty
-        .ws
-        .send(Message::binary(request))
-        .await
-        .expect("request");
+    // A request for the whole screen, which can never be answered now.
+    request_whole_screen(&mut on_faulty).await;
 
     let probe = async {
         let token = jwt("carol", "c", json!({ "backend": "faulty" }));
@@ -1108,15 +1112,8 @@ async fn a_backend_path_gone_silent_closes_1013_by_itself_and_spares_other_sessi
 
     ns.cut();
     let cut = Instant::now();
-    // A FramebufferUpdateRequest for the whole screen: data the backend never acknowledges.
-    let mut request = vec![3u8, 0, 0, 0, 0, 0];
-    request.extend_from_slice(&GEOMETRY.0.to_be_bytes());
-    request.extend_from_slice(&GEOMETRY.1.to_be_bytes());
-    on_faulty
-        .ws
-        .send(Message::binary(request))
-        .await
-        .expect("request");
+    // A request for the whole screen: data the backend never acknowledges.
+    request_whole_screen(&mut on_faulty).await;
 
     // Nothing but awaiting the close frame; the healthy session is read meanwhile (its pings
     // answered) and must get nothing.
