@@ -217,22 +217,15 @@ async fn redis_failure_is_not_an_outage() {
     redis.restart().await.expect("restart redis");
     a.wait_log(|v| v["event"] == "store_reconnected").await;
     b.wait_log(|v| v["event"] == "store_reconnected").await;
-    let mut con = redis.client().await.expect("client");
     for (i, l) in live.iter().enumerate() {
-        let backend: Option<String> = con
-            .hget(format!("vncgate:session:live{i}"), "backend")
-            .await
-            .expect("hget");
+        let backend = redis.pin_field(&format!("live{i}"), "backend").await;
         assert_eq!(
             backend.as_deref(),
             Some(l.session.server_name.as_str()),
             "pin of live{i} not written back"
         );
     }
-    let fresh: Option<String> = con
-        .hget("vncgate:session:fresh", "backend")
-        .await
-        .expect("hget");
+    let fresh = redis.pin_field("fresh", "backend").await;
     assert_eq!(fresh.as_deref(), Some(on_a.session.server_name.as_str()));
     assert_eq!(a.metric("vncgate_store_up").await, 1.0);
     assert!(a.metric("vncgate_store_errors_total{op=\"get\"}").await >= 1.0);
@@ -277,11 +270,7 @@ async fn gateway_starts_and_serves_while_redis_is_down() {
     assert_eq!(live.session.server_name, "d0");
     redis.restart().await.expect("restart");
     gw.wait_log(|v| v["event"] == "store_reconnected").await;
-    let mut con = redis.client().await.expect("client");
-    let owner: Option<String> = con
-        .hget("vncgate:session:early", "owner")
-        .await
-        .expect("hget");
+    let owner = redis.pin_field("early", "owner").await;
     assert_eq!(
         owner.as_deref(),
         Some("alice"),

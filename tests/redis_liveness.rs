@@ -391,11 +391,7 @@ async fn written_back_pins_do_not_overwrite_another_replicas_pin() {
         .filter(|v| v["event"] == "store_pin_conflict")
         .collect();
     assert_eq!(conflicts.len(), 1, "one write-back lost: {conflicts:?}");
-    let mut con = redis.client().await.expect("client");
-    let owner: Option<String> = con
-        .hget("vncgate:session:twice", "owner")
-        .await
-        .expect("hget");
+    let owner = redis.pin_field("twice", "owner").await;
     let owner = owner.expect("a pin");
     let other = if owner == "alice" { "bob" } else { "alice" };
     assert_eq!(
@@ -599,11 +595,7 @@ async fn a_broken_redis_path_degrades_then_recovers(fault: Fault) {
     readyz_until(&gw, "ready again", fully_ready).await;
     assert_eq!(gw.metric("vncgate_store_up").await, 1.0);
     assert_eq!(gw.metric("vncgate_store_subscriber_up").await, 1.0);
-    let mut con = redis.client().await.expect("client");
-    let owner: Option<String> = con
-        .hget("vncgate:session:fresh", "owner")
-        .await
-        .expect("hget");
+    let owner = redis.pin_field("fresh", "owner").await;
     assert_eq!(
         owner.as_deref(),
         Some("carol"),
@@ -714,11 +706,7 @@ async fn one_slow_redis_reply_does_not_mark_the_store_down() {
             )
             .await,
         );
-        let mut con = redis.client().await.expect("client");
-        let owner: Option<String> = con
-            .hget(format!("vncgate:session:{sid}"), "owner")
-            .await
-            .expect("hget");
+        let owner = redis.pin_field(&sid, "owner").await;
         assert_eq!(owner.as_deref(), Some("alice"), "{sid} pinned in the store");
     }
     // Their session_started lines come after anything the spike made the gateway log.

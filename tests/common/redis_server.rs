@@ -133,6 +133,16 @@ impl RedisServer {
     }
 
     /// A fresh multiplexed connection to database 0, for assertions.
+    /// One field (`owner`, `backend`, ...) of the pin the gateway stored for `sid` under the
+    /// default key prefix; `None` when there is no such pin.
+    pub async fn pin_field(&self, sid: &str, field: &str) -> Option<String> {
+        use redis::AsyncCommands;
+        let mut con = self.client().await.expect("redis client");
+        con.hget(format!("vncgate:session:{sid}"), field)
+            .await
+            .expect("hget")
+    }
+
     pub async fn client(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(CLIENT_TIMEOUT))
