@@ -155,9 +155,12 @@ impl ServerApp for App {
         let stream: Stream = match &spec.tls {
             None => Box::new(l4),
             Some(acceptor) => {
-                match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.tls_handshake(l4))
-                    .await
-                {
+                // Boxed: the handshake's future holds rustls' connection inline (7,280 bytes);
+                // inline here it would add that to this future, which every connection keeps
+                // for its whole life (an idle wss:// session: 49.1 → 42.0 KiB of RSS at 9,950 sessions).
+                let handshake =
+                    tokio::time::timeout(limits.tls_handshake_timeout, acceptor.tls_handshake(l4));
+                match Box::pin(handshake).await {
                     Ok(Ok(tls)) => Box::new(tls),
                     Ok(Err(_)) | Err(_) => {
                         // Not logged one by one: scanners and expired clients make these
