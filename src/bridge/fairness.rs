@@ -11,8 +11,11 @@
 //!
 //! So both follow the number of streams now moving bulk data, process-wide: while there are no
 //! more of them than workers, a stream keeps its worker for up to [`SLICE`] and splices up to
-//! [`MAX_CHUNK`] at a time; beyond that, it yields after every chunk, and the chunks shrink so
-//! that a round over all streams moves about [`ROUND_BYTES`].
+//! [`MAX_CHUNK`] at a time; beyond that, its turn is its share of a round that moves about
+//! [`ROUND_BYTES`] over all streams: chunks shrink to that share, and a stream yields once it
+//! moved it. On the copying path reads stay at most 64 KiB, so with a few streams a turn spans
+//! several chunks (8 wss:// streams: 256 KiB, a yield per four reads rather than per read: bulk
+//! 1,653 → 1,703 MB/s, 3 interleaved runs, every run above every run before).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -39,6 +42,8 @@ pub struct Share {
     counted: bool,
     workers: usize,
     last_yield: Instant,
+    /// Bytes moved since the worker was last given back.
+    since_yield: usize,
 }
 
 impl Share {
@@ -51,6 +56,7 @@ impl Share {
             counted: false,
             workers,
             last_yield: Instant::now(),
+            since_yield: 0,
         }
     }
 
@@ -64,10 +70,22 @@ impl Share {
             self.counted = true;
             BULK_STREAMS.fetch_add(1, Ordering::Relaxed);
         }
-        let crowded = streams() > self.workers;
-        if crowded || self.last_yield.elapsed() >= SLICE {
+        if self.turn_is_over(n, streams(), self.last_yield.elapsed()) {
             tokio::task::yield_now().await;
             self.last_yield = Instant::now();
+            self.since_yield = 0;
+        }
+    }
+
+    /// Whether a stream that just moved `n` more bytes has had its turn, with `streams` moving
+    /// bulk data and `held` since it last gave its worker back.
+    fn turn_is_over(&mut self, n: usize, streams: usize, held: Duration) -> bool {
+        self.since_yield += n;
+        if streams > self.workers {
+            // Over when another chunk like this one would not fit in the share.
+            self.since_yield + n > cap_for(streams)
+        } else {
+            held >= SLICE
         }
     }
 
@@ -119,5 +137,27 @@ mod tests {
         assert_eq!(cap(8), 256 * 1024);
         assert_eq!(cap(100), ROUND_BYTES / 100);
         assert_eq!(cap(10_000), BULK_BYTES);
+    }
+
+    #[test]
+    fn a_crowded_stream_yields_once_it_moved_its_share_of_a_round() {
+        let mut share = Share {
+            counted: true,
+            workers: 2,
+            last_yield: Instant::now(),
+            since_yield: 0,
+        };
+        let copied = 64 * 1024 - 4;
+        let now = Duration::ZERO;
+        // 8 streams: a share of 256 KiB, four copied reads.
+        let turns: Vec<bool> = (0..4).map(|_| share.turn_is_over(copied, 8, now)).collect();
+        assert_eq!(turns, [false, false, false, true]);
+        // 100 streams: a share of 20 KiB, under one read.
+        share.since_yield = 0;
+        assert!(share.turn_is_over(copied, 100, now));
+        // As many streams as workers: the time slice decides.
+        share.since_yield = 0;
+        assert!(!share.turn_is_over(copied, 2, Duration::ZERO));
+        assert!(share.turn_is_over(copied, 2, SLICE));
     }
 }

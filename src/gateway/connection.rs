@@ -157,7 +157,8 @@ impl ServerApp for App {
             Some(acceptor) => {
                 // Boxed: the handshake's future holds rustls' connection inline (7,280 bytes);
                 // inline here it would add that to this future, which every connection keeps
-                // for its whole life (an idle wss:// session: 49.1 → 42.0 KiB of RSS at 9,950 sessions).
+                // for its whole life (an idle wss:// session: 49.1 → 42.0 KiB of RSS at 9,950
+                // sessions).
                 let handshake =
                     tokio::time::timeout(limits.tls_handshake_timeout, acceptor.tls_handshake(l4));
                 match Box::pin(handshake).await {

@@ -127,7 +127,9 @@ enum Route {
     Upgrade,
     Events,
     /// `/healthz`, a static file, or 404: answered in [`App::answer`].
-    Other { path: String },
+    Other {
+        path: String,
+    },
 }
 
 impl App {
@@ -187,12 +189,10 @@ impl App {
             .await;
         }
         let session = match &config.web_root {
-            Some(root) if readable => {
-                match static_files::serve(session, root, &path).await {
-                    Ok(answered) => return answered,
-                    Err(not_found) => not_found,
-                }
-            }
+            Some(root) if readable => match static_files::serve(session, root, &path).await {
+                Ok(answered) => return answered,
+                Err(not_found) => not_found,
+            },
             _ => session,
         };
         let refusal = Refusal::new(ErrorCode::NotFound, "no such path");
