@@ -19,6 +19,7 @@ pub mod client;
 mod close;
 mod fairness;
 mod filter;
+pub mod frames;
 pub mod inbound;
 pub mod session;
 pub mod splice;
@@ -47,6 +48,7 @@ use client::ClientSocket;
 pub use close::{CloseCode, EndReason};
 use fairness::Share;
 pub use filter::RfbFilters;
+use frames::FrameWriter;
 use splice::Fill;
 pub use splice::Splicer;
 
@@ -147,6 +149,7 @@ pub async fn run<S, R, W>(
     meters: &Meters,
     mut control: watch::Receiver<Option<CloseCode>>,
     mut splicer: Option<Splicer>,
+    mut frames: Option<FrameWriter>,
     rfb: Option<RfbFilters>,
 ) -> Outcome
 where
@@ -272,9 +275,19 @@ where
                     let held = Held::new(&meters.buffered, n);
                     let started = Instant::now();
                     let sent = match (chunk, splicer.as_mut()) {
-                        (Chunk::Copied(data), _) => {
-                            within_stall(sink.send(Message::Binary(data)), dead_after, &mut control, None).await
-                        }
+                        (Chunk::Copied(data), _) => match frames.as_mut() {
+                            Some(frames) => {
+                                // As before a spliced frame: tungstenite's pending bytes first.
+                                let frame = async {
+                                    sink.flush().await.map_err(io::Error::other)?;
+                                    frames.send(data).await
+                                };
+                                within_stall(frame, dead_after, &mut control, None).await
+                            }
+                            None => {
+                                within_stall(sink.send(Message::Binary(data)), dead_after, &mut control, None).await
+                            }
+                        },
                         (Chunk::Piped(n), Some(splicer)) => {
                             // tungstenite may hold the rest of a pong it began; it must go out
                             // before the frame opens.
@@ -341,10 +354,16 @@ where
 
     // A frame the cancelled pump left half-sent is completed first: anything written inside it
     // would corrupt the stream. If the client does not take it, no close frame can be sent.
-    let stream_whole = match splicer.as_mut() {
-        Some(splicer) if splicer.frame_open() => {
+    let stream_whole = match (splicer.as_mut(), frames.as_mut()) {
+        (Some(splicer), _) if splicer.frame_open() => {
             matches!(
                 tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, splicer.finish_frame()).await,
+                Ok(Ok(()))
+            )
+        }
+        (_, Some(frames)) if frames.frame_open() => {
+            matches!(
+                tokio::time::timeout(CLOSE_HANDSHAKE_TIMEOUT, frames.finish()).await,
                 Ok(Ok(()))
             )
         }
@@ -578,7 +597,7 @@ mod tests {
         let (_registration, control) =
             registry.register(crate::sessions::SessionInfo::for_test(1, "late"), false);
         let (limits, meters) = (limits(), meters());
-        let run = run(ws, r, w, &limits, &meters, control.close, None, None);
+        let run = run(ws, r, w, &limits, &meters, control.close, None, None, None);
         let outcome = tokio::time::timeout(Duration::from_secs(10), async {
             let (outcome, frame) = tokio::join!(run, async {
                 loop {

@@ -18,6 +18,7 @@ use tokio_tungstenite::tungstenite::protocol::{Role as WsRole, WebSocketConfig};
 
 use super::client::{ClientSocket, Gated, TakeError};
 use super::filter::RfbFilters;
+use super::frames::{self, FrameWriter};
 use super::inbound::{self, Inbound};
 use super::{BridgeLimits, CloseCode, EndReason, Meters, Outcome, Splicer, backend};
 use crate::auth::Claims;
@@ -275,12 +276,13 @@ async fn relay(
                 ws_config,
             )
             .await;
-            Some(relay_ws(ws, backend, r, Some(splicer)).await)
+            Some(relay_ws(ws, backend, r, ClientWrites::Splice(splicer)).await)
         }
         // Handed back untouched: TLS, or a backend whose bytes are re-framed or read anyway.
         Err(TakeError::NotPlainTcp(stream)) => {
-            let ws = websocket(Inbound::new(stream, early, budget, max_message), ws_config).await;
-            Some(relay_ws(ws, backend, r, None).await)
+            let (control, frames) = frames::share(stream);
+            let ws = websocket(Inbound::new(control, early, budget, max_message), ws_config).await;
+            Some(relay_ws(ws, backend, r, ClientWrites::Frames(frames)).await)
         }
         // Out of descriptors, most likely: the session never starts.
         Err(TakeError::Io(e)) => {
@@ -290,11 +292,19 @@ async fn relay(
     }
 }
 
+/// How the relay's data frames reach the client besides tungstenite, which writes the rest.
+enum ClientWrites {
+    /// Plain TCP: backend bytes spliced, copied ones through tungstenite.
+    Splice(Splicer),
+    /// Everything else: copied bytes framed without tungstenite's copy.
+    Frames(FrameWriter),
+}
+
 async fn relay_ws<S>(
     mut ws: WebSocketStream<S>,
     backend: Backend,
     r: Relay<'_>,
-    splicer: Option<Splicer>,
+    writes: ClientWrites,
 ) -> Outcome
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -311,14 +321,40 @@ where
         metrics,
     } = r;
     let limits = &settings.bridge;
+    let (splicer, frames) = match writes {
+        ClientWrites::Splice(splicer) => (Some(splicer), None),
+        ClientWrites::Frames(frames) => (None, Some(frames)),
+    };
     match backend {
         Backend::Tcp(tcp) => {
             let (r, w) = backend::tcp(tcp);
-            super::run(ws, r, w, limits, meters, control.close, splicer, None).await
+            super::run(
+                ws,
+                r,
+                w,
+                limits,
+                meters,
+                control.close,
+                splicer,
+                frames,
+                None,
+            )
+            .await
         }
         Backend::WebSocket(bws) => {
             let (r, w) = backend::websocket(*bws);
-            super::run(ws, r, w, limits, meters, control.close, splicer, None).await
+            super::run(
+                ws,
+                r,
+                w,
+                limits,
+                meters,
+                control.close,
+                splicer,
+                frames,
+                None,
+            )
+            .await
         }
         Backend::Rfb(handshaken) => {
             // A kick, revocation or drain that came while the upgrade was under way (or comes
@@ -378,6 +414,7 @@ where
                         meters,
                         control.close,
                         splicer,
+                        frames,
                         Some(filters),
                     )
                     .await
@@ -385,7 +422,18 @@ where
                 // TLS, or a WebSocket backend: bytes a splice cannot move untouched.
                 other => {
                     let (r, w) = backend::stream(other);
-                    super::run(ws, r, w, limits, meters, control.close, None, Some(filters)).await
+                    super::run(
+                        ws,
+                        r,
+                        w,
+                        limits,
+                        meters,
+                        control.close,
+                        None,
+                        frames,
+                        Some(filters),
+                    )
+                    .await
                 }
             };
             finish_recording(recording.as_ref(), &outcome);

@@ -231,7 +231,7 @@ const DEFAULT_PIPE_BYTES: usize = 64 * 1024;
 const PAGE_BYTES: usize = 4 * 1024;
 
 /// A binary frame header, FIN set, unmasked (server to client), for `len` payload bytes.
-fn encode_header(out: &mut [u8; 10], len: usize) -> usize {
+pub(super) fn encode_header(out: &mut [u8; 10], len: usize) -> usize {
     out[0] = 0x82;
     if len < 126 {
         out[1] = len as u8;
