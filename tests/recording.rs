@@ -616,6 +616,13 @@ impl SinkFile for JournaledFile {
     fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
         self.inner.write_all(data)
     }
+    fn write_all_parts(&mut self, parts: &[bytes::Bytes]) -> io::Result<()> {
+        self.journal
+            .lock()
+            .expect("journal")
+            .push(format!("write {}", self.name));
+        self.inner.write_all_parts(parts)
+    }
     fn sync(&mut self) -> io::Result<()> {
         self.journal
             .lock()
@@ -644,9 +651,39 @@ async fn a_closed_recording_syncs_its_files_then_their_directory_once() {
         [
             "create fbs",
             "create jsonl",
+            "write fbs",
             "sync fbs",
             "sync jsonl",
             "sync dir durable"
         ]
     );
+}
+
+/// Chunks that arrive one after another while the writer waits go to the disk as one batch
+/// (one blocking call), not one each: the writer waits a moment for more before it writes.
+/// The clock is paused, so "a moment" is never over unless the test lets it pass.
+#[tokio::test(start_paused = true)]
+async fn chunks_arriving_while_the_writer_waits_share_one_batch() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let journal = Arc::new(Mutex::new(Vec::new()));
+    let recorder = Recorder::new(settings(root.path()), metrics())
+        .with_sink(Arc::new(JournalingSink(journal.clone())));
+    let rec = start(&recorder, "batched");
+    for i in 0..5u8 {
+        rec.server_data(&chunk_of(&[i; 1000]));
+        // The writer takes the chunk and finds the queue empty before the next one comes.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+    rec.finish("closed");
+    let outcome = rec.ended().await;
+    assert_eq!(outcome.error, None);
+    let writes = journal
+        .lock()
+        .expect("journal")
+        .iter()
+        .filter(|e| *e == "write fbs")
+        .count();
+    assert_eq!(writes, 1, "{:?}", journal.lock().expect("journal"));
 }
