@@ -148,8 +148,7 @@ pub async fn run<S, R, W>(
     limits: &BridgeLimits,
     meters: &Meters,
     mut control: watch::Receiver<Option<CloseCode>>,
-    mut splicer: Option<Splicer>,
-    mut frames: Option<FrameWriter>,
+    writes: ClientWrites,
     rfb: Option<RfbFilters>,
 ) -> Outcome
 where
@@ -157,6 +156,11 @@ where
     R: BackendRead,
     W: BackendWrite,
 {
+    let (mut splicer, mut frames) = match writes {
+        ClientWrites::Tungstenite => (None, None),
+        ClientWrites::Splice(splicer) => (Some(splicer), None),
+        ClientWrites::Frames(frames) => (None, Some(frames)),
+    };
     let (mut sink, mut stream) = ws.split();
     let clock = Clock {
         start: Instant::now(),
@@ -382,6 +386,27 @@ where
     }
 }
 
+/// How the relay's data frames reach the client besides tungstenite, which writes the rest.
+pub enum ClientWrites {
+    /// Every frame through tungstenite.
+    Tungstenite,
+    /// Plain TCP: backend bytes spliced, copied ones through tungstenite.
+    Splice(Splicer),
+    /// Everything else: copied bytes framed without tungstenite's copy ([`frames`]).
+    Frames(FrameWriter),
+}
+
+impl ClientWrites {
+    /// For a backend whose bytes cannot be spliced: the splice writer goes, tungstenite (which
+    /// shares the socket with it) writes everything.
+    pub fn without_splice(self) -> ClientWrites {
+        match self {
+            ClientWrites::Splice(_) => ClientWrites::Tungstenite,
+            other => other,
+        }
+    }
+}
+
 /// One backend chunk between its read and its write to the client.
 enum Chunk {
     /// Read into user space; sent through tungstenite.
@@ -597,7 +622,16 @@ mod tests {
         let (_registration, control) =
             registry.register(crate::sessions::SessionInfo::for_test(1, "late"), false);
         let (limits, meters) = (limits(), meters());
-        let run = run(ws, r, w, &limits, &meters, control.close, None, None, None);
+        let run = run(
+            ws,
+            r,
+            w,
+            &limits,
+            &meters,
+            control.close,
+            ClientWrites::Tungstenite,
+            None,
+        );
         let outcome = tokio::time::timeout(Duration::from_secs(10), async {
             let (outcome, frame) = tokio::join!(run, async {
                 loop {

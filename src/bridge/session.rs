@@ -18,9 +18,9 @@ use tokio_tungstenite::tungstenite::protocol::{Role as WsRole, WebSocketConfig};
 
 use super::client::{ClientSocket, Gated, TakeError};
 use super::filter::RfbFilters;
-use super::frames::{self, FrameWriter};
+use super::frames;
 use super::inbound::{self, Inbound};
-use super::{BridgeLimits, CloseCode, EndReason, Meters, Outcome, Splicer, backend};
+use super::{BridgeLimits, ClientWrites, CloseCode, EndReason, Meters, Outcome, Splicer, backend};
 use crate::auth::Claims;
 use crate::metrics::{GaugeGuard, Metrics};
 use crate::rfb::browser::{self, BrowserError};
@@ -292,14 +292,6 @@ async fn relay(
     }
 }
 
-/// How the relay's data frames reach the client besides tungstenite, which writes the rest.
-enum ClientWrites {
-    /// Plain TCP: backend bytes spliced, copied ones through tungstenite.
-    Splice(Splicer),
-    /// Everything else: copied bytes framed without tungstenite's copy.
-    Frames(FrameWriter),
-}
-
 async fn relay_ws<S>(
     mut ws: WebSocketStream<S>,
     backend: Backend,
@@ -321,40 +313,14 @@ where
         metrics,
     } = r;
     let limits = &settings.bridge;
-    let (splicer, frames) = match writes {
-        ClientWrites::Splice(splicer) => (Some(splicer), None),
-        ClientWrites::Frames(frames) => (None, Some(frames)),
-    };
     match backend {
         Backend::Tcp(tcp) => {
             let (r, w) = backend::tcp(tcp);
-            super::run(
-                ws,
-                r,
-                w,
-                limits,
-                meters,
-                control.close,
-                splicer,
-                frames,
-                None,
-            )
-            .await
+            super::run(ws, r, w, limits, meters, control.close, writes, None).await
         }
         Backend::WebSocket(bws) => {
             let (r, w) = backend::websocket(*bws);
-            super::run(
-                ws,
-                r,
-                w,
-                limits,
-                meters,
-                control.close,
-                splicer,
-                frames,
-                None,
-            )
-            .await
+            super::run(ws, r, w, limits, meters, control.close, writes, None).await
         }
         Backend::Rfb(handshaken) => {
             // A kick, revocation or drain that came while the upgrade was under way (or comes
@@ -413,8 +379,7 @@ where
                         limits,
                         meters,
                         control.close,
-                        splicer,
-                        frames,
+                        writes,
                         Some(filters),
                     )
                     .await
@@ -422,6 +387,7 @@ where
                 // TLS, or a WebSocket backend: bytes a splice cannot move untouched.
                 other => {
                     let (r, w) = backend::stream(other);
+                    let writes = writes.without_splice();
                     super::run(
                         ws,
                         r,
@@ -429,8 +395,7 @@ where
                         limits,
                         meters,
                         control.close,
-                        None,
-                        frames,
+                        writes,
                         Some(filters),
                     )
                     .await
