@@ -369,36 +369,17 @@ where
                 metrics,
                 recording.clone(),
             );
+            let (close, rfb) = (control.close, Some(filters));
             let outcome = match served.backend {
                 BackendStream::Plain(Transport::Tcp(tcp)) => {
                     let (r, w) = backend::tcp(tcp);
-                    super::run(
-                        ws,
-                        r,
-                        w,
-                        limits,
-                        meters,
-                        control.close,
-                        writes,
-                        Some(filters),
-                    )
-                    .await
+                    super::run(ws, r, w, limits, meters, close, writes, rfb).await
                 }
                 // TLS, or a WebSocket backend: bytes a splice cannot move untouched.
                 other => {
                     let (r, w) = backend::stream(other);
                     let writes = writes.without_splice();
-                    super::run(
-                        ws,
-                        r,
-                        w,
-                        limits,
-                        meters,
-                        control.close,
-                        writes,
-                        Some(filters),
-                    )
-                    .await
+                    super::run(ws, r, w, limits, meters, close, writes, rfb).await
                 }
             };
             finish_recording(recording.as_ref(), &outcome);
