@@ -122,11 +122,21 @@ pub struct FrameWriter {
 impl FrameWriter {
     /// Send `data` as one binary frame and flush it. tungstenite must have nothing buffered
     /// (the caller flushed it): its writes wait from here until the frame is complete.
+    /// Refused while a cancelled send's frame is still open: starting another would cut that
+    /// one short mid-payload and the client would read the rest as garbage. The bridge never
+    /// does this (a cancelled pump ends, then `finish` completes the frame); this keeps a
+    /// future caller from corrupting a stream by mistake.
     pub async fn send(&mut self, data: Bytes) -> io::Result<()> {
+        {
+            let mut shared = lock(&self.shared);
+            if shared.frame_open {
+                return Err(io::Error::other("a frame is still open: finish it first"));
+            }
+            shared.frame_open = true;
+        }
         self.header_len = encode_header(&mut self.header, data.len());
         self.header_sent = 0;
         self.payload = data;
-        lock(&self.shared).frame_open = true;
         self.finish().await
     }
 
@@ -231,6 +241,28 @@ mod tests {
 
     /// The pump can be cancelled mid-frame (the session ends, a stall deadline); the frame is
     /// then completed by `finish`, before anything else is written.
+    #[tokio::test]
+    async fn a_send_over_a_cancelled_frame_is_refused_and_the_frame_kept() {
+        let (stream, mut peer) = pair().await;
+        let (_control, mut writer) = share(stream);
+        let big = Bytes::from(vec![1u8; 16 * 1024 * 1024]);
+        {
+            let mut send = Box::pin(writer.send(big.clone()));
+            assert!(futures_util::poll!(send.as_mut()).is_pending());
+        }
+        // The peer reads from here on, so a send that wrongly went ahead would complete.
+        let expected = frame(&big);
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0; expected.len()];
+            peer.read_exact(&mut got).await.unwrap();
+            got == expected
+        });
+        let err = writer.send(Bytes::from_static(b"next")).await.unwrap_err();
+        assert!(err.to_string().contains("still open"), "{err}");
+        writer.finish().await.unwrap();
+        assert!(reader.await.unwrap());
+    }
+
     #[tokio::test]
     async fn a_cancelled_send_is_completed_by_finish() {
         let (stream, mut peer) = pair().await;
