@@ -239,47 +239,51 @@ mod tests {
         assert_eq!(got, [frame(&big), pong.to_vec()].concat());
     }
 
-    /// The pump can be cancelled mid-frame (the session ends, a stall deadline); the frame is
-    /// then completed by `finish`, before anything else is written.
-    #[tokio::test]
-    async fn a_send_over_a_cancelled_frame_is_refused_and_the_frame_kept() {
-        let (stream, mut peer) = pair().await;
-        let (_control, mut writer) = share(stream);
+    /// Start a frame far larger than the sockets' buffers hold and cancel its send mid-frame,
+    /// as a pump cancelled by the session's end or a stall deadline leaves it.
+    async fn cancel_a_big_send(writer: &mut FrameWriter) -> Bytes {
         let big = Bytes::from(vec![1u8; 16 * 1024 * 1024]);
-        {
-            let mut send = Box::pin(writer.send(big.clone()));
-            assert!(futures_util::poll!(send.as_mut()).is_pending());
-        }
-        // The peer reads from here on, so a send that wrongly went ahead would complete.
-        let expected = frame(&big);
-        let reader = tokio::spawn(async move {
+        let mut send = Box::pin(writer.send(big.clone()));
+        assert!(futures_util::poll!(send.as_mut()).is_pending());
+        big
+    }
+
+    /// Read one frame's worth off `peer`: whether it is exactly `payload`'s frame.
+    fn read_frame(mut peer: TcpStream, payload: &[u8]) -> tokio::task::JoinHandle<bool> {
+        let expected = frame(payload);
+        tokio::spawn(async move {
             let mut got = vec![0; expected.len()];
             peer.read_exact(&mut got).await.unwrap();
             got == expected
-        });
+        })
+    }
+
+    /// The pump can be cancelled mid-frame (the session ends, a stall deadline); the frame is
+    /// then completed by `finish`, before anything else is written.
+    #[tokio::test]
+    async fn a_cancelled_send_is_completed_by_finish() {
+        let (stream, peer) = pair().await;
+        let (_control, mut writer) = share(stream);
+        let big = cancel_a_big_send(&mut writer).await;
+        assert!(writer.frame_open());
+        let whole = read_frame(peer, &big);
+        writer.finish().await.unwrap();
+        assert!(!writer.frame_open());
+        assert!(whole.await.unwrap());
+    }
+
+    /// A second send over the open frame would cut it short mid-payload: it is refused, and
+    /// `finish` still completes the first.
+    #[tokio::test]
+    async fn a_send_over_a_cancelled_frame_is_refused_and_the_frame_kept() {
+        let (stream, peer) = pair().await;
+        let (_control, mut writer) = share(stream);
+        let big = cancel_a_big_send(&mut writer).await;
+        // The peer reads from here on, so a send that wrongly went ahead would complete.
+        let whole = read_frame(peer, &big);
         let err = writer.send(Bytes::from_static(b"next")).await.unwrap_err();
         assert!(err.to_string().contains("still open"), "{err}");
         writer.finish().await.unwrap();
-        assert!(reader.await.unwrap());
-    }
-
-    #[tokio::test]
-    async fn a_cancelled_send_is_completed_by_finish() {
-        let (stream, mut peer) = pair().await;
-        let (_control, mut writer) = share(stream);
-        let big = Bytes::from(vec![1u8; 16 * 1024 * 1024]);
-        {
-            let mut send = Box::pin(writer.send(big.clone()));
-            assert!(futures_util::poll!(send.as_mut()).is_pending());
-        }
-        assert!(writer.frame_open());
-        let reader = tokio::spawn(async move {
-            let mut got = vec![0; frame(&big).len()];
-            peer.read_exact(&mut got).await.unwrap();
-            got == frame(&big)
-        });
-        writer.finish().await.unwrap();
-        assert!(!writer.frame_open());
-        assert!(reader.await.unwrap());
+        assert!(whole.await.unwrap());
     }
 }
